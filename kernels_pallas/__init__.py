@@ -1,0 +1,9 @@
+"""Pallas kernels for Mixture-of-Experts layers: fused top-k router and grouped matmul.
+
+Standalone: imports nothing from hunyuan_jax. Each public op picks a backend from the
+platform and falls back to its pure-jnp reference where no kernel applies.
+"""
+from kernels_pallas.gmm import gmm, tgmm
+from kernels_pallas.router import RouterSpec, Routing, route
+
+__all__ = ["gmm", "tgmm", "route", "RouterSpec", "Routing"]

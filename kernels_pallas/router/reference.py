@@ -1,0 +1,62 @@
+"""Pure-jnp top-k router with the outputs the dispatcher and the aux losses need."""
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+class RouterSpec(NamedTuple):
+  """Static routing rule.
+
+  scoring: "softmax" (A13B, Large) or "sigmoid" (Hy3).
+  renormalize: divide the k selected scores by their sum (A13B, Hy3; not Large's top-1).
+  scale: multiply the final weights (Hy3: 2.826).
+  eps: added to the renormalisation denominator (Hy3: 1e-20; softmax path: clamp at f32 eps).
+  """
+  top_k: int
+  scoring: str = "softmax"
+  renormalize: bool = True
+  scale: float = 1.0
+  eps: float = 0.0
+
+
+class Routing(NamedTuple):
+  weights_tk: jax.Array      # f32 combine weights of the selected experts
+  experts_tk: jax.Array      # int32 expert ids, ordered by score (ties: lower id first)
+  sort_idx_m: jax.Array      # int32 [T*k]: flat assignment ids (t*k+j) in expert order, stable
+  group_sizes_e: jax.Array   # int32 [E]: assignments per expert
+  expert_frac_e: jax.Array   # f32 [E]: fraction of assignments per expert (sums to 1)
+  mean_prob_e: jax.Array     # f32 [E]: mean normalised router probability per expert
+  z_loss: jax.Array          # f32 []: mean over tokens of logsumexp(logits)^2
+
+
+def route_reference(x_td, w_gate_de, bias_e: Optional[jax.Array], spec: RouterSpec) -> Routing:
+  """fp32 logits -> scores -> top-k (selection may add bias_e) -> weights, sort, stats."""
+  num_experts = w_gate_de.shape[1]
+  logits_te = jnp.dot(x_td.astype(jnp.float32), w_gate_de.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+  if spec.scoring == "softmax":
+    scores_te = jax.nn.softmax(logits_te, axis=-1)
+    probs_te = scores_te
+  elif spec.scoring == "sigmoid":
+    scores_te = jax.nn.sigmoid(logits_te)
+    probs_te = scores_te / jnp.sum(scores_te, axis=-1, keepdims=True)
+  else:
+    raise ValueError(f"RouterSpec.scoring must be 'softmax' or 'sigmoid', got {spec.scoring!r}")
+  select_te = scores_te if bias_e is None else scores_te + bias_e.astype(jnp.float32)
+  _, experts_tk = jax.lax.top_k(jax.lax.stop_gradient(select_te), spec.top_k)
+  weights_tk = jnp.take_along_axis(scores_te, experts_tk, axis=-1)
+  if spec.renormalize:
+    denom = jnp.sum(weights_tk, axis=-1, keepdims=True) + spec.eps
+    if spec.scoring == "softmax":
+      denom = jnp.maximum(denom, jnp.finfo(jnp.float32).eps)
+    weights_tk = weights_tk / denom
+  weights_tk = weights_tk * spec.scale
+  flat_m = experts_tk.reshape(-1).astype(jnp.int32)
+  sort_idx_m = jnp.argsort(flat_m, stable=True).astype(jnp.int32)
+  group_sizes_e = jnp.bincount(flat_m, length=num_experts).astype(jnp.int32)
+  expert_frac_e = group_sizes_e.astype(jnp.float32) / flat_m.shape[0]
+  mean_prob_e = jnp.mean(probs_te, axis=0)
+  z_loss = jnp.mean(jax.nn.logsumexp(logits_te, axis=-1) ** 2)
+  return Routing(weights_tk, experts_tk.astype(jnp.int32), sort_idx_m, group_sizes_e,
+                 expert_frac_e, mean_prob_e, z_loss)
