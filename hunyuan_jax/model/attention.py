@@ -1,0 +1,136 @@
+"""GQA attention with QK-norm (order per family), RoPE, cross-layer K/V sharing and a KV cache.
+
+K/V flow (HUNYUAN_SPEC.md 2.4, 2.6):
+  a "self" layer projects K/V; a "shared" (CLA) layer reuses the previous self layer's K/V and
+  applies its own key norm. The KV cache of a CLA model therefore keeps post-RoPE, pre-norm keys
+  (one entry per layer pair) and every layer norms them on read; a model without CLA keeps the
+  final keys so that decode reads the cache once.
+
+Cache layout per cached layer: k, v [B, S_max, n_kv, D]. A query at absolute position p sees
+cache rows j <= p of its own batch row, so slots of a continuous batch never see stale entries.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.model.layers import apply_rope, compute_dtype, param, rms_norm
+
+NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax, not NaN
+
+
+class KV(NamedTuple):
+  k_bsnd: jax.Array
+  v_bsnd: jax.Array
+
+
+def _store_prenorm_keys(cfg: ModelConfig) -> bool:
+  return cfg.cla_share_factor > 1 and cfg.qk_norm == "after_rope"
+
+
+def write_cache(cache: KV, new: KV, positions_bt: jax.Array) -> KV:
+  """Scatters new K/V rows at their absolute positions; rows past S_max are dropped."""
+  b_idx = jnp.arange(positions_bt.shape[0])[:, None]
+
+  def put(buf, val):
+    return buf.at[b_idx, positions_bt].set(val.astype(buf.dtype), mode="drop")
+
+  return KV(put(cache.k_bsnd, new.k_bsnd), put(cache.v_bsnd, new.v_bsnd))
+
+
+def attention_mask(q_pos_bt, k_pos_bs, q_seg_bt=None, k_seg_bs=None) -> jax.Array:
+  """Causal (by absolute position) and same-segment mask -> bool [B, T, S]."""
+  mask = k_pos_bs[:, None, :] <= q_pos_bt[:, :, None]
+  if q_seg_bt is not None:
+    mask &= q_seg_bt[:, :, None] == k_seg_bs[:, None, :]
+  return mask
+
+
+def dot_attention(q_btnd, k_bsnd, v_bsnd, mask_bts, dtype) -> jax.Array:
+  """Reference attention: fp32 scores and softmax, probabilities cast back before P.V."""
+  b, t, n, d = q_btnd.shape
+  kv = k_bsnd.shape[2]
+  q = q_btnd.reshape(b, t, kv, n // kv, d)  # query head h uses kv head h // G
+  s = jnp.einsum("btkgd,bskd->bkgts", q, k_bsnd.astype(q.dtype),
+                 preferred_element_type=jnp.float32) * (d ** -0.5)
+  s = jnp.where(mask_bts[:, None, None], s, NEG_INF)
+  p = jax.nn.softmax(s, axis=-1).astype(dtype)
+  o = jnp.einsum("bkgts,bskd->btkgd", p, v_bsnd.astype(dtype))
+  return o.reshape(b, t, n, d)
+
+
+def flash_attention(q_btnd, k_bsnd, v_bsnd, dtype) -> jax.Array:
+  """cuDNN fused causal attention (GPU, no cache, no packing)."""
+  return jax.nn.dot_product_attention(q_btnd.astype(dtype), k_bsnd.astype(dtype),
+                                      v_bsnd.astype(dtype), is_causal=True,
+                                      implementation="cudnn")
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  kv_source: str  # "self" or "shared"
+
+  @nn.compact
+  def __call__(self, x_btd, cos_sin, positions_bt, segment_ids_bt=None,
+               shared_kv: Optional[KV] = None, cache: Optional[KV] = None):
+    """Returns (out_btd, kv_for_next_layer, new_cache)."""
+    cfg, dt = self.cfg, compute_dtype(self.cfg)
+    pdt = jnp.dtype(cfg.param_dtype)
+    n, kvh, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    wq = param(self, "q", (h, n, d), ("embed", "heads", "head_dim"), pdt, fan_in=h)
+    wo = param(self, "o", (n, d, h), ("heads", "head_dim", "embed"), pdt, fan_in=n * d)
+    q_norm = k_norm = None
+    if cfg.qk_norm != "none":
+      ones = nn.initializers.ones
+      q_norm = param(self, "q_norm", (d,), ("head_dim",), pdt, init=ones)
+      k_norm = param(self, "k_norm", (d,), ("head_dim",), pdt, init=ones)
+    cos, sin = cos_sin
+    x = x_btd.astype(dt)
+    q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt))
+    if cfg.qk_norm == "before_rope":
+      q = rms_norm(q, q_norm, cfg.rms_norm_eps)
+    q = apply_rope(q, cos, sin)
+    if cfg.qk_norm == "after_rope":
+      q = rms_norm(q, q_norm, cfg.rms_norm_eps)
+
+    if self.kv_source == "self":
+      wk = param(self, "k", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
+      wv = param(self, "v", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
+      k = jnp.einsum("btd,dnh->btnh", x, wk.astype(dt))
+      v = jnp.einsum("btd,dnh->btnh", x, wv.astype(dt))
+      if cfg.qk_norm == "before_rope":
+        k = rms_norm(k, k_norm, cfg.rms_norm_eps)
+      k = apply_rope(k, cos, sin)
+      if cfg.qk_norm == "after_rope" and not _store_prenorm_keys(cfg):
+        k = rms_norm(k, k_norm, cfg.rms_norm_eps)
+      new_kv = KV(k, v)
+      if cache is not None:
+        cache = write_cache(cache, new_kv, positions_bt)
+    else:  # CLA: reuse the previous self layer's K/V (or the cache it just wrote)
+      if shared_kv is None and cache is None:
+        raise ValueError("a cross-layer-attention layer needs the K/V of the layer before it")
+      new_kv = shared_kv
+
+    if cache is not None:
+      keys, values = cache
+      s_max = keys.shape[1]
+      k_pos = jnp.broadcast_to(jnp.arange(s_max)[None], (keys.shape[0], s_max))
+      mask = attention_mask(positions_bt, k_pos)
+    else:
+      keys, values = new_kv
+      mask = None
+    if _store_prenorm_keys(cfg):
+      keys = rms_norm(keys.astype(dt), k_norm, cfg.rms_norm_eps)
+
+    if mask is None and cfg.attention_impl == "cudnn" and segment_ids_bt is None:
+      o = flash_attention(q, keys, values, dt)
+    else:
+      if mask is None:
+        mask = attention_mask(positions_bt, positions_bt, segment_ids_bt, segment_ids_bt)
+      o = dot_attention(q, keys, values, mask, dt)
+    out = jnp.einsum("btnh,nhd->btd", o.astype(dt), wo.astype(dt))
+    return out, new_kv, cache

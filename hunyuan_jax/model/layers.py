@@ -1,0 +1,98 @@
+"""Small building blocks: annotated parameters, RMSNorm, RoPE, SwiGLU.
+
+Dtype path follows the PyTorch reference (HUNYUAN_SPEC.md 2.2, 2.5, trap 12): norms compute in
+fp32 and cast back before the weight multiply; cos/sin are computed in fp32 and cast to the
+activation dtype; parameters are stored in any dtype and cast to the compute dtype at use.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hunyuan_jax.config import ModelConfig
+
+Axes = tuple  # logical axis names, one per parameter dim
+
+
+def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: Axes, dtype,
+          init=None, fan_in: int | None = None) -> jax.Array:
+  """Declares a parameter with logical sharding axes (see hunyuan_jax/sharding.py)."""
+  if init is None:
+    std = 1.0 / math.sqrt(fan_in) if fan_in else 0.02
+    init = nn.initializers.normal(std)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def compute_dtype(cfg: ModelConfig):
+  return jnp.dtype(cfg.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = param(self, "scale", (x.shape[-1],), (self.axis_name,), jnp.dtype(self.cfg.param_dtype),
+              init=nn.initializers.ones)
+    return rms_norm(x, w, self.cfg.rms_norm_eps)
+
+
+def rope_base(cfg: ModelConfig) -> float:
+  """Dynamic-NTK-alpha base, constant at every length (spec 2.5): theta * alpha^(D/(D-2))."""
+  if not cfg.rope_alpha:
+    return float(cfg.rope_theta)
+  d = cfg.head_dim
+  return float(cfg.rope_theta) * float(cfg.rope_alpha) ** (d / (d - 2))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """fp32 inverse frequencies, computed like torch's `base ** (arange/D)` in fp32."""
+  d = cfg.head_dim
+  exponent = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
+  return (np.float32(1.0) / np.power(np.float32(rope_base(cfg)), exponent)).astype(np.float32)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """positions [...] -> cos, sin [..., D] in `dtype` (NeoX half-split layout)."""
+  theta = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+  emb = jnp.concatenate([theta, theta], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_btnd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
+  half = x_btnd.shape[-1] // 2
+  rotated = jnp.concatenate([-x_btnd[..., half:], x_btnd[..., :half]], axis=-1)
+  cos, sin = cos_btd[:, :, None, :], sin_btd[:, :, None, :]
+  return x_btnd * cos + rotated * sin
+
+
+def swiglu(h_x2f: jax.Array) -> jax.Array:
+  """[..., 2, F] (gate, up) -> silu(gate) * up."""
+  return jax.nn.silu(h_x2f[..., 0, :]) * h_x2f[..., 1, :]
+
+
+class SwiGLU(nn.Module):
+  """Dense SwiGLU FFN with the gate and up kernels fused as [H, 2, F]."""
+  cfg: ModelConfig
+  size: int
+
+  @nn.compact
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    cfg, dt = self.cfg, compute_dtype(self.cfg)
+    pdt = jnp.dtype(cfg.param_dtype)
+    wi = param(self, "wi", (cfg.hidden_size, 2, self.size), ("embed", None, "mlp"), pdt,
+               fan_in=cfg.hidden_size)
+    wo = param(self, "wo", (self.size, cfg.hidden_size), ("mlp", "embed"), pdt, fan_in=self.size)
+    h = jnp.einsum("btd,dkf->btkf", x_btd.astype(dt), wi.astype(dt))
+    return jnp.einsum("btf,fd->btd", swiglu(h), wo.astype(dt))

@@ -1,0 +1,103 @@
+"""Mixture-of-Experts FFN: router, dropless sort + grouped matmul, shared expert, combine.
+
+    x [T, H] -> route (fp32) -> weights [T, k], experts [T, k], sort order, group sizes
+             -> gather rows by expert -> gmm(W_gate_up [E, H, 2I]) -> SwiGLU -> gmm(W_down [E, I, H])
+             -> unsort, weighted sum over k -> + shared expert -> y [T, H]
+
+`moe_ffn` is a pure function of local tokens, so expert/data parallel wrappers (shard_map)
+can call it per shard. The optional capacity mode reproduces the Tencent remote code's
+token dropping (HUNYUAN_SPEC.md 2.7); the default is dropless, like transformers and vLLM.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import kernels_pallas as kp
+from hunyuan_jax.config import LayerSpec, ModelConfig
+from hunyuan_jax.model.layers import SwiGLU, compute_dtype, param, swiglu
+
+
+class MoEStats(NamedTuple):
+  """Per-layer router statistics for the auxiliary losses and load logging."""
+  expert_frac_e: jax.Array   # fraction of kept assignments per expert
+  mean_prob_e: jax.Array     # mean router probability per expert
+  z_loss: jax.Array          # mean logsumexp(logits)^2
+  dropped_frac: jax.Array    # fraction of assignments dropped by the capacity limit
+
+
+def router_spec(cfg: ModelConfig, top_k: int) -> kp.RouterSpec:
+  return kp.RouterSpec(top_k=top_k, scoring=cfg.router_scoring, renormalize=cfg.router_renormalize,
+                       scale=cfg.router_scale, eps=cfg.router_eps)
+
+
+def capacity_keep_mask(experts_tk: jax.Array, num_experts: int, capacity_factor: float) -> jax.Array:
+  """Tencent `topkgating` priority: assignments visited j-major then token, kept while slot < cap.
+
+  cap = max(k, floor(capacity_factor * k * T / E)); capacity_factor 1.0 reproduces the reference.
+  """
+  t, k = experts_tk.shape
+  cap = max(k, int(capacity_factor * k * t / num_experts))
+  onehot_kte = jax.nn.one_hot(experts_tk.T, num_experts, dtype=jnp.int32)      # [k, T, E]
+  slot_kte = jnp.cumsum(onehot_kte.reshape(k * t, num_experts), axis=0).reshape(k, t, num_experts) - 1
+  slot_kt = jnp.sum(slot_kte * onehot_kte, axis=-1)
+  return (slot_kt < cap).T                                                        # [T, k]
+
+
+def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array],
+            wi_edkf: jax.Array, wo_efd: jax.Array, *, cfg: ModelConfig, top_k: int,
+            dtype) -> tuple[jax.Array, MoEStats]:
+  """Routed experts only (no shared expert): returns y [T, H] in fp32 and router stats."""
+  t, d = x_td.shape
+  e, _, _, f = wi_edkf.shape
+  r = kp.route(x_td, w_router_de, bias_e, router_spec(cfg, top_k))
+  weights_tk = r.weights_tk
+  group_sizes, sort_idx = r.group_sizes_e, r.sort_idx_m
+  dropped = jnp.zeros((), jnp.float32)
+  if cfg.moe_capacity_factor > 0:
+    keep_tk = capacity_keep_mask(r.experts_tk, e, cfg.moe_capacity_factor)
+    weights_tk = jnp.where(keep_tk, weights_tk, 0.0)
+    dropped = 1.0 - jnp.mean(keep_tk.astype(jnp.float32))
+  # Weights follow the reference's dtype path: the remote code and transformers cast them to the
+  # activation dtype before the combine; Hy3 keeps its fp32 combine.
+  if not cfg.moe_fp32_combine:
+    weights_tk = weights_tk.astype(dtype).astype(jnp.float32)
+  x_sorted_md = jnp.take(x_td.astype(dtype), sort_idx // top_k, axis=0)
+  h_mf2 = kp.gmm(x_sorted_md, wi_edkf.astype(dtype).reshape(e, d, 2 * f), group_sizes)
+  act_mf = swiglu(h_mf2.reshape(-1, 2, f))
+  y_sorted_md = kp.gmm(act_mf, wo_efd.astype(dtype), group_sizes)
+  inverse = jnp.argsort(sort_idx)
+  y_tkd = jnp.take(y_sorted_md, inverse, axis=0).reshape(t, top_k, d)
+  y_td = jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk)
+  stats = MoEStats(r.expert_frac_e, r.mean_prob_e, r.z_loss, dropped)
+  return y_td, stats
+
+
+class MoE(nn.Module):
+  cfg: ModelConfig
+  spec: LayerSpec
+
+  @nn.compact
+  def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, MoEStats]:
+    cfg, spec, dt = self.cfg, self.spec, compute_dtype(self.cfg)
+    pdt = jnp.dtype(cfg.param_dtype)
+    h, e, f = cfg.hidden_size, cfg.num_experts, spec.ffn_size
+    w_router = param(self, "router", (h, e), ("embed", None), pdt, fan_in=h)
+    bias = None
+    if cfg.router_bias:  # fp32 like the reference buffer; updated outside the optimizer in training
+      bias = param(self, "expert_bias", (e,), (None,), jnp.float32, init=nn.initializers.zeros)
+    wi = param(self, "wi", (e, h, 2, f), ("experts", "embed", None, "mlp"), pdt, fan_in=h)
+    wo = param(self, "wo", (e, f, h), ("experts", "mlp", "embed"), pdt, fan_in=f)
+    b, s, _ = x_btd.shape
+    y_td, stats = moe_ffn(x_btd.reshape(b * s, h), w_router, bias, wi, wo, cfg=cfg,
+                          top_k=spec.top_k, dtype=dt)
+    y = y_td.reshape(b, s, h)
+    if spec.shared_size:
+      shared = SwiGLU(cfg, spec.shared_size, name="shared")(x_btd)
+      if cfg.moe_fp32_combine:
+        return (y + shared.astype(jnp.float32)).astype(dt), stats
+      return y.astype(dt) + shared, stats
+    return y.astype(dt), stats

@@ -1,0 +1,177 @@
+"""The decoder stack and the one pure `forward` that training and serving both call.
+
+Layers are grouped into runs of a repeated pattern (`ModelConfig.layer_groups`): A13B is one
+run of 32 MoE layers, Large one run of 32 (self, shared-KV) pairs, Hy3 a dense layer then 79
+MoE layers. Each run is an `nn.scan`, so compile time does not grow with depth. Parameters
+then live at params["groups_<i>"]["unit"]["layer_<j>"][...] with a leading "layers" axis.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hunyuan_jax.config import LayerSpec, ModelConfig
+from hunyuan_jax.model.attention import KV, Attention
+from hunyuan_jax.model.layers import RMSNorm, SwiGLU, compute_dtype, param, rope_cos_sin
+from hunyuan_jax.model.moe import MoE, MoEStats
+
+Cache = dict  # {"groups_<i>": KV with a leading [repeats] axis} for groups that own K/V
+
+
+class ForwardOut(NamedTuple):
+  logits: jax.Array                  # [B, T, V] float32
+  cache: Optional[Cache]
+  moe_stats: dict                    # {"groups_<i>": MoEStats with leading [repeats, ...]} for MoE layers
+  hidden: jax.Array                  # [B, T, H] final-normed hidden states (MTP and heads use them)
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+  spec: LayerSpec
+
+  @nn.compact
+  def __call__(self, h_btd, cos_sin, positions_bt, segment_ids_bt, shared_kv, cache):
+    cfg = self.cfg
+    a, kv, cache = Attention(cfg, self.spec.kv_source, name="attn")(
+        RMSNorm(cfg, name="input_norm")(h_btd), cos_sin, positions_bt, segment_ids_bt,
+        shared_kv, cache)
+    h_btd = h_btd + a
+    x = RMSNorm(cfg, name="post_attn_norm")(h_btd)
+    if self.spec.ffn == "moe":
+      m, stats = MoE(cfg, self.spec, name="moe")(x)
+    else:
+      m, stats = SwiGLU(cfg, self.spec.ffn_size, name="mlp")(x), None
+    return h_btd + m, kv, cache, stats
+
+
+class Unit(nn.Module):
+  """One repetition of a layer pattern; the scan body."""
+  cfg: ModelConfig
+  pattern: tuple
+
+  @nn.compact
+  def __call__(self, h_btd, cache, cos_sin, positions_bt, segment_ids_bt):
+    shared_kv, stats = None, []
+    for j, spec in enumerate(self.pattern):
+      # A CLA "shared" layer reads the K/V (or the cache) that the self layer before it wrote.
+      h_btd, shared_kv, cache, s = DecoderLayer(self.cfg, spec, name=f"layer_{j}")(
+          h_btd, cos_sin, positions_bt, segment_ids_bt, shared_kv, cache)
+      if s is not None:
+        stats.append(s)
+    # One stats entry per unit: CLA pairs hold two MoE layers, stacked on a new axis.
+    unit_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None
+    return h_btd, (cache, unit_stats)
+
+
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _scanned_unit(cfg: ModelConfig, repeats: int):
+  unit_cls = Unit
+  if cfg.remat_policy != "none":
+    unit_cls = nn.remat(Unit, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+  return nn.scan(
+      unit_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=repeats,
+      metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt,
+                       init=nn.initializers.normal(0.02))
+    if not cfg.tie_word_embeddings:
+      self.lm_head = param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                           pdt, fan_in=cfg.hidden_size)
+    self.groups = [
+        _scanned_unit(cfg, repeats)(cfg, pattern, name=f"groups_{i}")
+        for i, (pattern, repeats) in enumerate(cfg.layer_groups())
+    ]
+    self.final_norm = RMSNorm(cfg)
+
+  def embed_tokens(self, tokens_bt):
+    return jnp.take(self.embed, tokens_bt, axis=0).astype(compute_dtype(self.cfg))
+
+  def logits(self, h_btd):
+    dt = compute_dtype(self.cfg)
+    w = self.embed.T if self.cfg.tie_word_embeddings else self.lm_head
+    return jnp.einsum("btd,dv->btv", h_btd.astype(dt), w.astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_bt, positions_bt, cache: Optional[Cache] = None,
+               segment_ids_bt=None, return_hidden_only: bool = False) -> ForwardOut:
+    cfg = self.cfg
+    h = self.embed_tokens(tokens_bt)
+    cos_sin = rope_cos_sin(cfg, positions_bt, compute_dtype(cfg))
+    new_cache, stats = {}, {}
+    for i, group in enumerate(self.groups):
+      key = f"groups_{i}"
+      group_cache = None if cache is None else cache.get(key)
+      h, (gc, gs) = group(h, group_cache, cos_sin, positions_bt, segment_ids_bt)
+      if gc is not None:
+        new_cache[key] = gc
+      if gs is not None:
+        stats[key] = gs
+    h = self.final_norm(h)
+    logits = None if return_hidden_only else self.logits(h)
+    return ForwardOut(logits, new_cache if cache is not None else None, stats, h)
+
+
+# ---------------------------------------------------------------------------------------
+# Pure functions over a params pytree
+# ---------------------------------------------------------------------------------------
+def forward(params, tokens_bt, positions_bt, cache: Optional[Cache] = None, *, cfg: ModelConfig,
+            segment_ids_bt=None) -> ForwardOut:
+  """The functional core: logits (and the updated cache when one is given)."""
+  return Transformer(cfg).apply({"params": params}, tokens_bt, positions_bt, cache, segment_ids_bt)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
+  """Random parameters as a plain pytree (logical axes stripped; see `param_logical_axes`)."""
+  return nn.unbox(_init_boxed(cfg, rng))
+
+
+def _init_boxed(cfg: ModelConfig, rng):
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Transformer(cfg).init(rng, tokens, tokens)["params"]
+
+
+def abstract_params(cfg: ModelConfig):
+  """ShapeDtypeStructs of the params without allocating them."""
+  return nn.unbox(jax.eval_shape(functools.partial(_init_boxed, cfg), jax.random.key(0)))
+
+
+def param_logical_axes(cfg: ModelConfig):
+  """Pytree of logical-axis PartitionSpecs matching `init_params(cfg)`."""
+  boxed = jax.eval_shape(functools.partial(_init_boxed, cfg), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+  """Zeroed KV cache: one K/V per cached layer (CLA pairs share one)."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  cache = {}
+  for i, (pattern, repeats) in enumerate(cfg.layer_groups()):
+    if any(s.kv_source == "self" for s in pattern):
+      shape = (repeats, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+      cache[f"groups_{i}"] = KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+  return cache
+
+
+def cache_logical_axes(cfg: ModelConfig) -> Cache:
+  """Logical axes of `init_cache`'s arrays (same tree)."""
+  spec = jax.sharding.PartitionSpec("layers", "batch", "cache_length", "kv_heads", "head_dim")
+  return {key: KV(spec, spec) for key in jax.eval_shape(lambda: init_cache(cfg, 1, 1))}
