@@ -48,6 +48,23 @@ class DecoderLayer(nn.Module):
     return h_btd + m, kv, cache, stats
 
 
+class MTPLayer(nn.Module):
+  """u = W_eh [enorm(emb_{t+1}); hnorm(h_t)] -> one MoE decoder layer -> final_layernorm."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, emb_btd, h_btd, cos_sin, positions_bt, segment_ids_bt):
+    cfg, dt = self.cfg, compute_dtype(self.cfg)
+    d = cfg.hidden_size
+    w_eh = param(self, "eh_proj", (2 * d, d), (None, "embed"), jnp.dtype(cfg.param_dtype), fan_in=2 * d)
+    u = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb_btd), RMSNorm(cfg, name="hnorm")(h_btd)], -1)
+    u = jnp.einsum("btk,kd->btd", u.astype(dt), w_eh.astype(dt))
+    spec = cfg.layer_spec(cfg.num_layers - 1)._replace(kv_source="self")
+    u, _, _, stats = DecoderLayer(cfg, spec, name="layer")(u, cos_sin, positions_bt, segment_ids_bt,
+                                                           None, None)
+    return RMSNorm(cfg, name="final_norm")(u), stats
+
+
 class Unit(nn.Module):
   """One repetition of a layer pattern; the scan body."""
   cfg: ModelConfig
@@ -101,6 +118,7 @@ class Transformer(nn.Module):
         for i, (pattern, repeats) in enumerate(cfg.layer_groups())
     ]
     self.final_norm = RMSNorm(cfg)
+    self.mtp = [MTPLayer(cfg, name=f"mtp_{i}") for i in range(cfg.num_mtp_layers)]
 
   def embed_tokens(self, tokens_bt):
     return jnp.take(self.embed, tokens_bt, axis=0).astype(compute_dtype(self.cfg))
@@ -129,6 +147,17 @@ class Transformer(nn.Module):
     logits = None if return_hidden_only else self.logits(h)
     return ForwardOut(logits, new_cache if cache is not None else None, stats, h)
 
+  def mtp_forward(self, hidden_btd, next_tokens_bt, positions_bt, segment_ids_bt=None):
+    """Hy3 multi-token prediction (spec 2.9): logits for token t+2 from h_t and token t+1."""
+    cos_sin = rope_cos_sin(self.cfg, positions_bt, compute_dtype(self.cfg))
+    logits, stats = [], []
+    h = hidden_btd
+    for layer in self.mtp:
+      h, s = layer(self.embed_tokens(next_tokens_bt), h, cos_sin, positions_bt, segment_ids_bt)
+      logits.append(self.logits(h))
+      stats.append(s)
+    return logits, stats
+
 
 # ---------------------------------------------------------------------------------------
 # Pure functions over a params pytree
@@ -139,6 +168,13 @@ def forward(params, tokens_bt, positions_bt, cache: Optional[Cache] = None, *, c
   return Transformer(cfg).apply({"params": params}, tokens_bt, positions_bt, cache, segment_ids_bt)
 
 
+def forward_mtp(params, hidden_btd, next_tokens_bt, positions_bt, *, cfg: ModelConfig,
+                segment_ids_bt=None):
+  """MTP logits (one entry per MTP layer) from `ForwardOut.hidden` and the next tokens."""
+  return Transformer(cfg).apply({"params": params}, hidden_btd, next_tokens_bt, positions_bt,
+                                segment_ids_bt, method=Transformer.mtp_forward)
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
   """Random parameters as a plain pytree (logical axes stripped; see `param_logical_axes`)."""
   return nn.unbox(_init_boxed(cfg, rng))
@@ -146,7 +182,14 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
 
 def _init_boxed(cfg: ModelConfig, rng):
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return Transformer(cfg).init(rng, tokens, tokens)["params"]
+
+  def init_all(model, tokens):
+    out = model(tokens, tokens)
+    if cfg.num_mtp_layers:  # touch the MTP layers so that init creates them
+      model.mtp_forward(out.hidden, tokens, tokens)
+    return out
+
+  return nn.init(init_all, Transformer(cfg))(rng, tokens)["params"]
 
 
 def abstract_params(cfg: ModelConfig):
