@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_jax.chat import StreamParser, hy3_family_for, parse_output, render_chat
+from hunyuan_jax.chat import StreamParser, hy3_family_for, opens_reasoning, parse_output, render_chat
 from hunyuan_jax.tokenizer import ByteTokenizer, TiktokenTokenizer
 
 FIX = Path(__file__).parent / "fixtures" / "chat"
@@ -200,6 +200,17 @@ def test_hy3_tools_render():
             "</tool_call>\n</tool_calls><｜hy_eos｜>") in s
     assert s.endswith("<tool_responses>\n<tool_response>\nsunny\n</tool_response>\n</tool_responses>"
                       "<｜hy_Assistant｜><think></think>")
+
+
+def test_hy3_tool_response_batches_are_balanced():
+    call = {"function": {"name": "get_weather", "arguments": '{"city": "A"}'}}
+    msgs = [{"role": "user", "content": "go"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "r1"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "r2"}, {"role": "tool", "content": "r3"}]
+    s = render_chat(msgs, "hy3_opensource", tools=TOOLS, reasoning_effort="high")
+    assert s.count("<tool_responses:opensource>") == s.count("</tool_responses:opensource>") == 2
+    assert s.endswith("</tool_responses:opensource><｜hy_Assistant:opensource｜><think:opensource>")
+    assert opens_reasoning(s) and not opens_reasoning(render_chat(msgs[:1], "hy3", reasoning_effort="no_think"))
 
 
 def test_hy3_family_detection():
