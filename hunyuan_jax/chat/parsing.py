@@ -48,6 +48,8 @@ class StreamParser:
     ``push(delta)`` returns ``[{"reasoning": s} | {"content": s}, ...]``; ``finish()`` returns the
     remaining deltas and the tool calls. ``in_reasoning=True`` when the prompt already opened a
     think block (Hy3 with reasoning_effort low/high ends the prompt with ``<think>``).
+    ``self.tool_calls`` grows as each ``</tool_calls>`` closes, for servers that stream calls early.
+    Tool-call ids are ``call_0``, ``call_1``, ... in output order, identical in both modes.
     """
 
     def __init__(self, family: str, tools_enabled: bool = False, *, in_reasoning: bool = False,
