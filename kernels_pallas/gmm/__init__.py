@@ -1,5 +1,149 @@
-"""Grouped matmul over rows sorted by expert: the public ops."""
-from kernels_pallas.gmm.reference import gmm_reference as gmm
-from kernels_pallas.gmm.reference import tgmm_reference as tgmm
+"""Grouped matmul over rows sorted by expert: the public ops.
 
-__all__ = ["gmm", "tgmm"]
+gmm(x_mk, w_ekn, group_sizes_e) -> y_mn and tgmm(x_mk, dy_mn, group_sizes_e) -> dw_ekn,
+both differentiable (custom_vjp: dx = gmm(dy, w^T), dw = tgmm(x, dy)), each backend's
+kernels used for the backward too. Backends: "reference" (jnp, any platform), "gpu"
+(Mosaic GPU, Hopper), "tpu" (Mosaic TPU), "tpu_interpret" (the TPU kernel interpreted,
+for CPU tests). "auto" picks by platform, dtype and shape and falls back to "reference".
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import _dispatch
+from kernels_pallas.gmm import reference
+
+BACKENDS = ("reference", "gpu", "tpu", "tpu_interpret")
+
+
+def _impl(name):
+  if name == "gpu":
+    from kernels_pallas.gmm import gpu
+    return gpu
+  if name in ("tpu", "tpu_interpret"):
+    from kernels_pallas.gmm import tpu
+    return tpu
+  return None
+
+
+def _auto(x, w, transpose_rhs):
+  plat = _dispatch.platform()
+  if plat == "gpu" and _dispatch.is_hopper():
+    from kernels_pallas.gmm import gpu
+    if gpu.supports(x, w, transpose_rhs=transpose_rhs)[0]:
+      return "gpu"
+  if plat == "tpu":
+    from kernels_pallas.gmm import tpu
+    if tpu.supports(x, w, transpose_rhs=transpose_rhs)[0]:
+      return "tpu"
+  return "reference"
+
+
+def _gmm_fwd_impl(backend, out_dtype, transpose_rhs, x, w, gs):
+  if backend == "reference":
+    return reference.gmm_reference(x, w, gs, out_dtype=out_dtype, transpose_rhs=transpose_rhs)
+  return _impl(backend).gmm(x, w, gs, out_dtype=out_dtype, transpose_rhs=transpose_rhs,
+                            interpret=backend == "tpu_interpret")
+
+
+def _tgmm_impl(backend, out_dtype, x, dy, gs):
+  if backend == "reference":
+    return reference.tgmm_reference(x, dy, gs, out_dtype=out_dtype)
+  return _impl(backend).tgmm(x, dy, gs, out_dtype=out_dtype,
+                             interpret=backend == "tpu_interpret")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _gmm(backend, out_dtype, transpose_rhs, x, w, gs):
+  return _gmm_fwd_impl(backend, out_dtype, transpose_rhs, x, w, gs)
+
+
+def _gmm_fwd(backend, out_dtype, transpose_rhs, x, w, gs):
+  return _gmm(backend, out_dtype, transpose_rhs, x, w, gs), (x, w, gs)
+
+
+def _gmm_bwd(backend, out_dtype, transpose_rhs, res, dy):
+  x, w, gs = res
+  dy = dy.astype(x.dtype)
+  dx = _gmm(backend, x.dtype, not transpose_rhs, dy, w, gs)
+  if transpose_rhs:   # y = x @ w^T: dw[e] = dy_e^T @ x_e
+    dw = _tgmm(backend, w.dtype, dy, x, gs)
+  else:
+    dw = _tgmm(backend, w.dtype, x, dy, gs)
+  return dx, dw, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _tgmm(backend, out_dtype, x, dy, gs):
+  return _tgmm_impl(backend, out_dtype, x, dy, gs)
+
+
+def _tgmm_fwd(backend, out_dtype, x, dy, gs):
+  return _tgmm(backend, out_dtype, x, dy, gs), (x, dy, gs)
+
+
+def _tgmm_bwd(backend, out_dtype, res, ddw):
+  x, dy, gs = res
+  ddw = ddw.astype(x.dtype)
+  dx = _gmm(backend, x.dtype, True, dy, ddw, gs)     # dx[m] = ddw[e]^T-contracted with dy[m]
+  ddy = _gmm(backend, dy.dtype, False, x, ddw, gs)   # ddy[m] = x[m] @ ddw[e]
+  return dx, ddy, None
+
+
+_tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
+
+
+def _check(op, x, w_or_dy, gs, w_ndim):
+  if x.ndim != 2 or w_or_dy.ndim != w_ndim or gs.ndim != 1:
+    raise ValueError(f"kernels_pallas.{op}: expected x [M, K], {'w [E, K, N]' if w_ndim == 3 else 'dy [M, N]'}"
+                     f" and group_sizes [E]; got {x.shape}, {w_or_dy.shape}, {gs.shape}.")
+  if not jnp.issubdtype(gs.dtype, jnp.integer):
+    raise ValueError(f"kernels_pallas.{op}: group_sizes must be integer, got {gs.dtype}.")
+
+
+def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, backend=None):
+  """y[m] = x[m] @ w[e(m)] (or w[e(m)]^T with transpose_rhs) for rows sorted by expert.
+
+  Rows past sum(group_sizes) give 0; fp32 accumulation; out_dtype defaults to x's dtype.
+  """
+  x_mk, w_ekn, group_sizes_e = map(jnp.asarray, (x_mk, w_ekn, group_sizes_e))
+  _check("gmm", x_mk, w_ekn, group_sizes_e, 3)
+  k_w = w_ekn.shape[2] if transpose_rhs else w_ekn.shape[1]
+  if x_mk.shape[1] != k_w or group_sizes_e.shape[0] != w_ekn.shape[0]:
+    raise ValueError(f"kernels_pallas.gmm: x {x_mk.shape}, w {w_ekn.shape} and group_sizes "
+                     f"{group_sizes_e.shape} disagree on K or E (transpose_rhs={transpose_rhs}).")
+  out_dtype = jnp.dtype(out_dtype or x_mk.dtype)
+  name = _dispatch.requested_backend("gmm", backend)
+  if name == "auto":
+    name = _auto(x_mk, w_ekn, transpose_rhs)
+  _dispatch.check_known("gmm", name, BACKENDS)
+  if x_mk.dtype != w_ekn.dtype:   # kernels take one operand dtype; promote like jnp.dot
+    dt = jnp.promote_types(x_mk.dtype, w_ekn.dtype)
+    x_mk, w_ekn = x_mk.astype(dt), w_ekn.astype(dt)
+  return _gmm(name, out_dtype, bool(transpose_rhs), x_mk, w_ekn, group_sizes_e.astype(jnp.int32))
+
+
+def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, backend=None):
+  """dw[e] = x[rows of e]^T @ dy[rows of e] -> [E, K, N] (fp32 accumulation)."""
+  x_mk, dy_mn, group_sizes_e = map(jnp.asarray, (x_mk, dy_mn, group_sizes_e))
+  _check("tgmm", x_mk, dy_mn, group_sizes_e, 2)
+  if x_mk.shape[0] != dy_mn.shape[0]:
+    raise ValueError(f"kernels_pallas.tgmm: x {x_mk.shape} and dy {dy_mn.shape} need equal rows.")
+  out_dtype = jnp.dtype(out_dtype or x_mk.dtype)
+  name = _dispatch.requested_backend("gmm", backend)
+  if name == "auto":
+    e = group_sizes_e.shape[0]
+    fake_w = jax.ShapeDtypeStruct((e, x_mk.shape[1], dy_mn.shape[1]), dy_mn.dtype)
+    name = _auto(x_mk, fake_w, False)
+  _dispatch.check_known("tgmm", name, BACKENDS)
+  if x_mk.dtype != dy_mn.dtype:
+    dt = jnp.promote_types(x_mk.dtype, dy_mn.dtype)
+    x_mk, dy_mn = x_mk.astype(dt), dy_mn.astype(dt)
+  return _tgmm(name, out_dtype, x_mk, dy_mn, group_sizes_e.astype(jnp.int32))
+
+
+__all__ = ["gmm", "tgmm", "BACKENDS"]

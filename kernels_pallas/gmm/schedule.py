@@ -1,0 +1,77 @@
+"""Tile schedules for grouped matmul over rows sorted by group.
+
+Every backend walks a static-length list of row tiles ("visits"); the group sizes are
+traced, so the list is built in jnp and passed to the kernel as small int32 arrays.
+
+Two layouts:
+- `group_start_schedule`: each group's tiles start at the group's first row, so only a
+  group's last tile is partial (about G/2 wasted tiles); rows past sum(group_sizes) form
+  a pseudo-group that is written with zeros. Used by the GPU kernel (TMA copies take any
+  row offset) and the jnp reference.
+- `aligned_schedule`: tiles sit on multiples of tm and a tile shared by two groups is
+  visited once per group (megablox); used where block indices must be tile-aligned (TPU).
+"""
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+
+class Schedule(NamedTuple):
+  group_v: jnp.ndarray   # int32 [V]: group of the visit (G = the zero pseudo-group)
+  start_v: jnp.ndarray   # int32 [V]: first output row the visit covers
+  rows_v: jnp.ndarray    # int32 [V]: rows of the group inside the visit (0 = skip)
+  lo_v: jnp.ndarray      # int32 [V]: first row of the group (for masking)
+  hi_v: jnp.ndarray      # int32 [V]: one past the last row of the group
+
+
+def cdiv(a, b):
+  return (a + b - 1) // b
+
+
+def group_bounds(group_sizes_e, m):
+  """Row range [start, end) of each group, clipped to m rows."""
+  sizes = group_sizes_e.astype(jnp.int32)
+  ends = jnp.minimum(jnp.cumsum(sizes), m)
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  return starts, ends
+
+
+def _expand(tiles_g, num_visits):
+  """Visit v -> (group g, tile j within g) for a static number of visits."""
+  ends = jnp.cumsum(tiles_g)
+  v = jnp.arange(num_visits, dtype=jnp.int32)
+  g = jnp.searchsorted(ends, v, side="right").astype(jnp.int32)
+  g = jnp.minimum(g, tiles_g.shape[0] - 1)
+  j = v - (ends[g] - tiles_g[g])
+  valid = v < ends[-1]
+  return g, j, valid
+
+
+def group_start_schedule(group_sizes_e, m, tm, *, zero_tail=True) -> Schedule:
+  """V = cdiv(m, tm) + G visits; group G covers rows [sum(sizes), m) with zeros."""
+  num_groups = group_sizes_e.shape[0]
+  starts, ends = group_bounds(group_sizes_e, m)
+  pad = (m - ends[-1]) if zero_tail else jnp.int32(0)
+  starts = jnp.concatenate([starts, ends[-1:]])
+  ends = jnp.concatenate([ends, ends[-1:] + pad])
+  tiles_g = cdiv(ends - starts, tm)
+  g, j, valid = _expand(tiles_g, cdiv(m, tm) + num_groups)
+  start_v = starts[g] + j * tm
+  rows_v = jnp.where(valid, jnp.clip(ends[g] - start_v, 0, tm), 0)
+  return Schedule(g, jnp.where(valid, start_v, 0), rows_v, starts[g], ends[g])
+
+
+def aligned_schedule(group_sizes_e, m, tm) -> Schedule:
+  """V = cdiv(m, tm) + G - 1 visits on tile-aligned row blocks (start_v = block * tm)."""
+  num_groups = group_sizes_e.shape[0]
+  starts, ends = group_bounds(group_sizes_e, m)
+  first = starts // tm
+  last = cdiv(ends, tm)
+  tiles_g = jnp.where(ends > starts, last - first, 0)
+  g, j, valid = _expand(tiles_g, cdiv(m, tm) + num_groups - 1)
+  start_v = (first[g] + j) * tm
+  rows_v = jnp.clip(jnp.minimum(ends[g], start_v + tm) - jnp.maximum(starts[g], start_v), 0, tm)
+  # Invalid visits repeat the last valid block so a kernel's block index stays monotone.
+  last_block = jnp.max(jnp.where(valid, start_v, 0))
+  start_v = jnp.where(valid, start_v, last_block)
+  return Schedule(g, start_v, jnp.where(valid, rows_v, 0), starts[g], ends[g])
