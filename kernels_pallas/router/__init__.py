@@ -1,5 +1,36 @@
-"""Top-k MoE router: the public op."""
-from kernels_pallas.router.reference import RouterSpec, Routing
-from kernels_pallas.router.reference import route_reference as route
+"""Top-k MoE router: the public op.
 
-__all__ = ["route", "RouterSpec", "Routing"]
+Backends: "reference" (fp32 logits with HIGHEST precision: exact, slow on GPU) and
+"split" (fp32-accurate logits from bf16 tensor-core matmuls, see split.py). "auto" picks
+"split" on GPU and TPU and "reference" on CPU.
+"""
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import _dispatch
+from kernels_pallas.router.reference import RouterSpec, Routing, route_reference
+from kernels_pallas.router.split import route_split
+
+BACKENDS = ("reference", "split")
+
+
+def route(x_td, w_gate_de, bias_e: Optional[jax.Array], spec: RouterSpec, *,
+          backend=None) -> Routing:
+  """fp32 logits -> scores -> top-k (selection may add bias_e) -> weights, sort, stats."""
+  x_td, w_gate_de = jnp.asarray(x_td), jnp.asarray(w_gate_de)
+  if x_td.ndim != 2 or w_gate_de.ndim != 2 or x_td.shape[1] != w_gate_de.shape[0]:
+    raise ValueError(f"kernels_pallas.route: expected x [T, D] and w_gate [D, E], got "
+                     f"{x_td.shape} and {w_gate_de.shape}.")
+  if not 1 <= spec.top_k <= w_gate_de.shape[1]:
+    raise ValueError(f"kernels_pallas.route: top_k={spec.top_k} must be in [1, E={w_gate_de.shape[1]}].")
+  name = _dispatch.requested_backend("route", backend)
+  if name == "auto":
+    name = "reference" if _dispatch.platform() == "cpu" else "split"
+  _dispatch.check_known("route", name, BACKENDS)
+  impl = route_split if name == "split" else route_reference
+  return impl(x_td, w_gate_de, bias_e, spec)
+
+
+__all__ = ["route", "RouterSpec", "Routing", "BACKENDS"]

@@ -1,0 +1,282 @@
+"""Benchmark kernels_pallas against its anchors, all in one run on one device.
+
+  PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_kernels.py \
+      [--only check,ceil,gmm,decode,router] [--shapes a13b_up,...] [--variants] [--out DIR]
+
+Prints a short table last and writes every number to $OUT/bench_kernels.json (or --out).
+TFLOP/s count the useful FLOPs 2*M*K*N (M = rows inside groups); the router's GB/s count
+one read of x. Ceilings (copy bandwidth, dense matmul) are measured in the same run.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import kernels_pallas as kp  # noqa: E402
+from kernels_pallas.gmm import gpu as gmm_gpu  # noqa: E402
+
+SHAPES = {   # name: (M rows, K, N, experts)
+    "a13b_up": (65536, 4096, 6144, 64),
+    "a13b_down": (65536, 3072, 4096, 64),
+    "hy3_up": (65536, 4096, 3072, 192),
+    "hy3_down": (65536, 1536, 4096, 192),
+}
+DECODE = (256, 4096, 6144, 64)
+ROWS, RESULTS = [], {}
+
+
+def timeit(fn, *args, iters=10, batch=5):
+  """Median over `iters` batches of `batch` back-to-back calls (async dispatch), in ms."""
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    for _ in range(batch):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / batch * 1e3)
+  return statistics.median(times)
+
+
+def row(section, name, ms, flops=None, nbytes=None, note=""):
+  tf = flops / ms / 1e9 if flops else None
+  gbs = nbytes / ms / 1e6 if nbytes else None
+  ROWS.append((section, name, ms, tf, gbs, note))
+  RESULTS.setdefault(section, {})[name] = dict(ms=ms, tflops=tf, gbs=gbs, note=note)
+  print(f"  {section:10s} {name:28s} {ms:9.3f} ms"
+        + (f" {tf:7.1f} TFLOP/s" if tf else "") + (f" {gbs:7.0f} GB/s" if gbs else "")
+        + (f"  {note}" if note else ""), flush=True)
+
+
+def skewed_sizes(m, e, seed, empty=0):
+  """Multinomial over lognormal weights (max/mean about 3); `empty` groups get 0 rows."""
+  rng = np.random.default_rng(seed)
+  p = rng.lognormal(0.0, 0.75, e)
+  p[rng.choice(e, empty, replace=False)] = 0
+  return rng.multinomial(m, p / p.sum()).astype(np.int32)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def stage_check():
+  """GPU kernels vs the jnp reference on fresh random inputs (padding, empty groups)."""
+  for (m, k, n, e, pad) in [(4096, 512, 1024, 8, 300), (1000, 256, 512, 16, 0),
+                            (256, 4096, 512, 64, 0)]:
+    key = jax.random.key(m + k)
+    kx, kw, kd = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (e, k, n), jnp.bfloat16)
+    dy = jax.random.normal(kd, (m, n), jnp.bfloat16)
+    gs = jnp.asarray(skewed_sizes(m - pad, e, m, empty=2))
+    res = {}
+    for name, f in [("fwd", lambda b: kp.gmm(x, w, gs, backend=b)),
+                    ("dx", lambda b: kp.gmm(dy, w, gs, transpose_rhs=True, backend=b)),
+                    ("dw", lambda b: kp.tgmm(x, dy, gs, backend=b))]:
+      try:
+        got = jax.jit(lambda: f("gpu"))()
+        ref = jax.jit(lambda: f("reference"))()
+        res[name] = rel_err(got, ref)
+        if name != "dw":
+          res[name + "_pad_zero"] = bool(not np.any(np.asarray(got[m - pad:], np.float32)))
+      except Exception as err:  # noqa: BLE001 - report and go on
+        traceback.print_exc()
+        res[name] = f"FAIL {type(err).__name__}: {str(err)[:200]}"
+    RESULTS.setdefault("check", {})[f"{m}x{k}x{n}_e{e}_pad{pad}"] = res
+    print(f"  check {m}x{k}x{n} e={e} pad={pad}: {res}", flush=True)
+
+
+def stage_ceilings():
+  a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+  ms = timeit(jax.jit(lambda a, b: a @ b), a, b)
+  row("ceiling", "dense bf16 8192^3", ms, flops=2 * 8192**3)
+  big = jax.random.normal(jax.random.key(2), (1 << 30,), jnp.bfloat16)   # 2 GiB
+  ms = timeit(jax.jit(lambda v: v * 2), big)
+  row("ceiling", "copy 2 GiB (read+write)", ms, nbytes=2 * big.nbytes)
+  del big
+
+
+def ours(x, w, dy, gs, tiling=None):
+  fwd = jax.jit(lambda x, w: kp.gmm(x, w, gs, backend="gpu") if tiling is None
+                else gmm_gpu.gmm(x, w, gs, tiling=tiling))
+  dx = jax.jit(lambda dy, w: kp.gmm(dy, w, gs, transpose_rhs=True, backend="gpu"))
+  dw = jax.jit(lambda x, dy: kp.tgmm(x, dy, gs, backend="gpu"))
+  return fwd, dx, dw
+
+
+def stage_gmm(names, variants):
+  for name in names:
+    m, k, n, e = SHAPES[name]
+    sizes = skewed_sizes(m, e, seed=e + k)
+    gs = jnp.asarray(sizes)
+    kx, kw, kd = jax.random.split(jax.random.key(k + n), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (e, k, n), jnp.bfloat16)
+    dy = jax.random.normal(kd, (m, n), jnp.bfloat16)
+    flops = 2 * m * k * n
+    sec = f"{name}"
+    print(f"{name}: M={m} K={k} N={n} E={e} sizes min/max {sizes.min()}/{sizes.max()}", flush=True)
+    fwd, dx, dw = ours(x, w, dy, gs)
+    for label, f, args in [("ours fwd", fwd, (x, w)), ("ours dx", dx, (dy, w)),
+                           ("ours dw", dw, (x, dy))]:
+      try:
+        row(sec, label, timeit(f, *args), flops=flops)
+      except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        RESULTS.setdefault(sec, {})[label] = f"FAIL {err}"[:300]
+    if variants:
+      for t in [gmm_gpu.Tiling(stages=3, epi_n=128), gmm_gpu.Tiling(grid_minor=0, grid_width=8),
+                gmm_gpu.Tiling(grid_minor=1, grid_width=4), gmm_gpu.Tiling(tile_k=128, stages=2)]:
+        try:
+          f = ours(x, w, dy, gs, tiling=t)[0]
+          row(sec, f"ours fwd {_short(t)}", timeit(f, x, w, iters=5), flops=flops)
+        except Exception as err:  # noqa: BLE001
+          print(f"  variant {t} failed: {str(err)[:300]}", flush=True)
+    row(sec, "dense same FLOPs", timeit(jax.jit(lambda a, b: a @ b), x, w[0]), flops=flops)
+    _anchor_mgpu(sec, x, w, gs, flops)
+    _anchor_torch(sec, m, k, n, e, sizes, flops)
+    if name.startswith("a13b"):
+      try:
+        f = jax.jit(lambda x, w: jax.lax.ragged_dot(x, w, gs))
+        row(sec, "jax.lax.ragged_dot", timeit(f, x, w, iters=2, batch=1), flops=flops)
+      except Exception as err:  # noqa: BLE001
+        RESULTS.setdefault(sec, {})["jax.lax.ragged_dot"] = f"FAIL {err}"[:300]
+    del x, w, dy
+
+
+def _short(t):
+  d = dataclasses.asdict(t)
+  base = dataclasses.asdict(gmm_gpu.Tiling())
+  return ",".join(f"{k}={v}" for k, v in d.items() if base[k] != v)
+
+
+def _anchor_mgpu(sec, x, w, gs, flops):
+  try:
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    f = jax.jit(lambda x, w: ragged_dot_mgpu.ragged_dot(
+        x, w, group_sizes=gs, block_m=128, block_n=128, block_k=64,
+        max_concurrent_steps=4, grid_block_n=1))
+    row(sec, "jax ragged_dot_mgpu", timeit(f, x, w), flops=flops, note="bm=bn=128 bk=64 s=4")
+  except Exception as err:  # noqa: BLE001
+    RESULTS.setdefault(sec, {})["jax ragged_dot_mgpu"] = f"FAIL {err}"[:300]
+    print(f"  ragged_dot_mgpu failed: {str(err)[:200]}", flush=True)
+
+
+def _anchor_torch(sec, m, k, n, e, sizes, flops):
+  try:
+    import torch
+    if not hasattr(torch, "_grouped_mm"):
+      return
+    xt = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    wt = torch.randn(e, k, n, device="cuda", dtype=torch.bfloat16).transpose(-2, -1)
+    wt = wt.contiguous().transpose(-2, -1)   # column-major per expert, as CUTLASS wants
+    for label, sz in [("torch._grouped_mm", sizes),
+                      ("torch._grouped_mm equal", np.full(e, m // e, np.int32))]:
+      offs = torch.tensor(np.cumsum(sz), device="cuda", dtype=torch.int32)
+      try:
+        ms = _torch_time(lambda: torch._grouped_mm(xt, wt, offs=offs))
+        row(sec, label, ms, flops=flops)
+      except Exception as err:  # noqa: BLE001
+        RESULTS.setdefault(sec, {})[label] = f"FAIL {err}"[:300]
+        print(f"  {label} failed: {str(err)[:200]}", flush=True)
+    del xt, wt
+    torch.cuda.empty_cache()
+  except ImportError:
+    pass
+
+
+def _torch_time(fn, iters=10, batch=5):
+  import torch
+  fn()
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(iters):
+    s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(batch):
+      fn()
+    t.record()
+    torch.cuda.synchronize()
+    times.append(s.elapsed_time(t) / batch)
+  return statistics.median(times)
+
+
+def stage_decode():
+  m, k, n, e = DECODE
+  sizes = skewed_sizes(m, e, seed=1)
+  gs = jnp.asarray(sizes)
+  kx, kw = jax.random.split(jax.random.key(9))
+  x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+  w = jax.random.normal(kw, (e, k, n), jnp.bfloat16)
+  wbytes = int(np.sum(sizes > 0)) * k * n * 2
+  sec = "decode"
+  for label, f in [("ours fwd", lambda x, w: kp.gmm(x, w, gs, backend="gpu")),
+                   ("jax.lax.ragged_dot", lambda x, w: jax.lax.ragged_dot(x, w, gs))]:
+    try:
+      row(sec, label, timeit(jax.jit(f), x, w), nbytes=wbytes, note="GB/s = weight bytes")
+    except Exception as err:  # noqa: BLE001
+      traceback.print_exc()
+      RESULTS.setdefault(sec, {})[label] = f"FAIL {err}"[:300]
+  _anchor_mgpu(sec, x, w, gs, 2 * m * k * n)
+  RESULTS[sec]["weight_bytes"] = wbytes
+
+
+def stage_router():
+  t, d, e = 65536, 4096, 64
+  spec = kp.RouterSpec(top_k=8)
+  x = jax.random.normal(jax.random.key(3), (t, d), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(4), (d, e), jnp.float32) * d ** -0.5
+  out = {}
+  for b in ("reference", "split"):
+    f = jax.jit(lambda x, w, b=b: kp.route(x, w, None, spec, backend=b))
+    out[b] = f(x, w)
+    row("router", f"route {b}", timeit(f, x, w, iters=20), nbytes=x.nbytes)
+  same = float(np.mean(np.asarray(out["split"].experts_tk) == np.asarray(out["reference"].experts_tk)))
+  RESULTS["router"]["experts_agree"] = same
+  RESULTS["router"]["weights_rel_err"] = rel_err(out["split"].weights_tk, out["reference"].weights_tk)
+  print(f"  router split vs reference: experts agree {same:.6f}, weights rel err "
+        f"{RESULTS['router']['weights_rel_err']:.2e}", flush=True)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--only", default="check,ceil,gmm,decode,router")
+  ap.add_argument("--shapes", default=",".join(SHAPES))
+  ap.add_argument("--variants", action="store_true")
+  ap.add_argument("--out", default=os.environ.get("OUT", "."))
+  args = ap.parse_args()
+  stages = args.only.split(",")
+  dev = jax.devices()[0]
+  RESULTS["env"] = dict(device=str(dev.device_kind), jax=jax.__version__,
+                        sms=getattr(dev, "core_count", None), argv=sys.argv)
+  print(f"device {dev.device_kind}, jax {jax.__version__}, SMs {RESULTS['env']['sms']}")
+  for st, fn in [("check", stage_check), ("ceil", stage_ceilings),
+                 ("gmm", lambda: stage_gmm(args.shapes.split(","), args.variants)),
+                 ("decode", stage_decode), ("router", stage_router)]:
+    if st in stages:
+      try:
+        fn()
+      except Exception:  # noqa: BLE001 - one stage failing must not lose the others
+        traceback.print_exc()
+      with open(os.path.join(args.out, "bench_kernels.json"), "w") as fh:
+        json.dump(RESULTS, fh, indent=1, default=str)
+  print("\n| section | impl | ms | TFLOP/s | GB/s | note |\n|---|---|---|---|---|---|")
+  for sec, name, ms, tf, gbs, note in ROWS:
+    print(f"| {sec} | {name} | {ms:.3f} | {tf or 0:.1f} | {gbs or 0:.0f} | {note} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,44 @@
+"""The one place that papers over Pallas API differences between jax versions.
+
+Checked against jax 0.10.2 (CPU here) and 0.11.2 (the GPU machine).
+"""
+import jax
+
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+
+def num_sms() -> int:
+  """Streaming multiprocessors of the default device, read from the device (never 132)."""
+  try:
+    mesh = jax.sharding.get_abstract_mesh()
+    dev = getattr(mesh, "abstract_device", None)
+    if dev is not None and getattr(dev, "num_cores", None):
+      return int(dev.num_cores)
+  except Exception:  # noqa: BLE001 - no abstract mesh API in this version
+    pass
+  count = getattr(jax.devices()[0], "core_count", None)
+  if not count:
+    raise RuntimeError("kernels_pallas: cannot read the SM count from the device; "
+                       "pass backend='reference' to avoid the GPU kernel.")
+  return int(count)
+
+
+def mgpu():
+  """(pl, plgpu) for Mosaic GPU; imported lazily so CPU-only installs never need it."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return pl, plgpu
+
+
+def mgpu_kernel(body, *, out_type, **kwargs):
+  """plgpu.kernel with the output keyword this version takes (out_type since 0.10)."""
+  _, plgpu = mgpu()
+  if JAX_VERSION >= (0, 10, 0):
+    return plgpu.kernel(body, out_type=out_type, **kwargs)
+  return plgpu.kernel(body, out_shape=out_type, **kwargs)
+
+
+def tpu_params(dimension_semantics):
+  from jax.experimental.pallas import tpu as pltpu
+  cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+  return cls(dimension_semantics=dimension_semantics)

@@ -1,0 +1,279 @@
+"""Grouped matmul on Hopper in Mosaic GPU: warp-specialised wgmma, TMA pipeline, persistent grid.
+
+gmm: one CTA = 2 compute warpgroups + 1 TMA warpgroup. A work item is (row tile of one
+group, N tile); the row tiles come from `schedule.group_start_schedule`, so a tile starts
+at its group's first row (TMA takes any row offset) and only a group's last tile is
+partial: about G/2 wasted tiles instead of the G-1 of tile-aligned schemes. Each compute
+warpgroup owns half of the N tile; partial tiles are stored with a ladder of power-of-two
+TMA stores so rows of the next group are never touched; the zero pseudo-group writes the
+padded rows past sum(group_sizes).
+
+tgmm: a work item is (group, K tile, N tile); the pipeline runs over the group's rows in
+chunks starting at the group's first row; the last chunk's rows past the group are zeroed
+in shared memory (dy side, each warpgroup its own half) before the wgmma.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels_pallas import _compat
+from kernels_pallas.gmm.schedule import cdiv, group_bounds, group_start_schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  tile_m: int = 128        # rows per tile (both warpgroups)
+  tile_n: int = 128        # columns per compute warpgroup (CTA tile is 2x this)
+  tile_k: int = 64         # contraction step (64 bf16 = one 128-byte swizzle row)
+  stages: int = 4          # TMA pipeline depth
+  epi_n: int = 64          # columns per epilogue store (smaller = less shared memory)
+  grid_minor: int = 1      # planar_snake minor dim: 1 = N tiles inner
+  grid_width: int = 1      # planar_snake tile width
+
+
+DEFAULT = Tiling()
+DECODE = Tiling(tile_m=64, stages=6)
+TGMM_DEFAULT = Tiling(tile_m=128, tile_n=128, tile_k=64, stages=4, epi_n=64)
+
+
+def default_tiling(m):
+  return DECODE if m <= 1024 else DEFAULT
+
+
+def supports(x, w, *, transpose_rhs=False, tiling=None):
+  t = tiling or default_tiling(x.shape[0])
+  m, k = x.shape
+  n = w.shape[1] if transpose_rhs else w.shape[2]
+  if m < t.tile_m:
+    return False, f"M={m} is under the row tile {t.tile_m}"
+  if x.dtype not in (jnp.bfloat16, jnp.float16) or w.dtype != x.dtype:
+    return False, f"dtype {x.dtype}/{w.dtype}: the GPU kernel takes bf16 or f16 operands"
+  if k % t.tile_k or n % (2 * t.tile_n):
+    return False, f"K={k} must divide by {t.tile_k} and N={n} by {2 * t.tile_n}"
+  return True, ""
+
+
+def _swizzle(plgpu, cols, dtype):
+  swz = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
+  return (plgpu.TilingTransform((8, swz // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swz))
+
+
+def _ladder_store(plgpu, pl, src_smem, dst_gmem, rows, max_rows):
+  """Store rows [0, rows) of src to dst with power-of-two TMA copies (static shapes)."""
+  off = jnp.int32(0)
+  size = 1 << (max_rows.bit_length() - 1)
+  while size >= 1:
+    pred = (rows & size) != 0
+    plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(off, size)], dst_gmem.at[pl.ds(off, size)],
+                            predicate=pred)
+    off = off + (rows & size)
+    size //= 2
+
+
+def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tiling=None,
+        interpret=False):
+  del interpret
+  pl, plgpu = _compat.mgpu()
+  m, k = x_mk.shape
+  num_groups = w_ekn.shape[0]
+  n = w_ekn.shape[1] if transpose_rhs else w_ekn.shape[2]
+  out_dtype = jnp.dtype(out_dtype or x_mk.dtype)
+  t = tiling or default_tiling(m)
+  ok, why = supports(x_mk, w_ekn, transpose_rhs=transpose_rhs, tiling=t)
+  if not ok:
+    raise ValueError(f"kernels_pallas.gmm backend='gpu': {why}; use backend='reference'.")
+  tm, tn, tk = t.tile_m, t.tile_n, t.tile_k
+  cta_n = 2 * tn
+  sched = group_start_schedule(group_sizes_e, m, tm, zero_tail=True)
+  num_visits = sched.group_v.shape[0]
+  grid_n = n // cta_n
+  k_iters = k // tk
+  x_tf = _swizzle(plgpu, tk, x_mk.dtype)
+  w_tf = _swizzle(plgpu, tk if transpose_rhs else cta_n, w_ekn.dtype)
+  # Partial tiles need row-granular slices of the epilogue buffer: no swizzle there.
+  epi_n = min(t.epi_n, tn)
+
+  def pipeline(body, ctx):
+    w_block = (cta_n, tk) if transpose_rhs else (tk, cta_n)
+    w_index = (lambda kk: (0, kk)) if transpose_rhs else (lambda kk: (kk, 0))
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+        max_concurrent_steps=t.stages, compute_context=ctx,
+        in_specs=[
+            plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tf),
+            plgpu.BlockSpec(w_block, w_index, transforms=w_tf),
+        ])
+
+  ignore = lambda *_, **__: None
+
+  def body(group_gmem, start_gmem, rows_gmem, x_gmem, w_gmem, o_gmem):
+    fake_x = x_gmem.at[pl.ds(0, tm)]
+    fake_w = (w_gmem.at[0, pl.ds(0, cta_n), :] if transpose_rhs
+              else w_gmem.at[0, :, pl.ds(0, cta_n)])
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore).get_allocations(fake_x, fake_w),
+        o_smem=plgpu.SMEM((2, tm, epi_n), out_dtype),
+        collective_axes="wg")
+    def _scope(allocs, o_smem):
+      wg = lax.axis_index("wg")
+
+      @plgpu.nd_loop((num_visits * grid_n,), collective_axes="sm")
+      def _items(info):
+        v, ni = plgpu.planar_snake(info.index[0], (num_visits, grid_n), t.grid_minor,
+                                   t.grid_width)
+        g, row0, rows = group_gmem[v], start_gmem[v], rows_gmem[v]
+        wg_cols = pl.ds(ni * cta_n + wg * tn, tn)
+
+        def epilogue(acc):
+          for c in range(tn // epi_n):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # o_smem free again
+            o_smem[wg] = acc[:, c * epi_n:(c + 1) * epi_n]
+            plgpu.commit_smem()
+            dst = o_gmem.at[pl.ds(row0, tm), wg_cols].at[:, pl.ds(c * epi_n, epi_n)]
+            _ladder_store(plgpu, pl, o_smem.at[wg], dst, rows, tm)
+
+        def ctx(eval_pipeline):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+          def _acc(acc_ref):
+            eval_pipeline(acc_ref)
+            epilogue(acc_ref[...].astype(out_dtype))
+
+        def mma(_, x_smem, w_smem, acc_ref):
+          if transpose_rhs:
+            b = plgpu.transpose_ref(w_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
+          else:
+            b = w_smem.at[:, pl.ds(wg * tn, tn)]
+          plgpu.wgmma(acc_ref, x_smem, b)
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        @pl.when((rows > 0) & (g < num_groups))
+        def _compute():
+          w_cta = (w_gmem.at[g, pl.ds(ni * cta_n, cta_n), :] if transpose_rhs
+                   else w_gmem.at[g, :, pl.ds(ni * cta_n, cta_n)])
+          pipeline(mma, ctx)(x_gmem.at[pl.ds(row0, tm)], w_cta, allocations=allocs)
+
+        @pl.when((rows > 0) & (g == num_groups) & (wg < 2))
+        def _zeros():   # padded rows past sum(group_sizes)
+          epilogue(plgpu.layout_cast(jnp.zeros((tm, tn), out_dtype), plgpu.Layout.WGMMA))
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  kernel = _compat.mgpu_kernel(
+      body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return kernel(sched.group_v, sched.start_v, sched.rows_v, x_mk, w_ekn)
+
+
+def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=False):
+  """dw[e] = x_e^T @ dy_e: work item (group, K tile, N tile); pipeline over the group's rows."""
+  del interpret
+  pl, plgpu = _compat.mgpu()
+  m, k = x_mk.shape
+  n = dy_mn.shape[1]
+  num_groups = group_sizes_e.shape[0]
+  out_dtype = jnp.dtype(out_dtype or x_mk.dtype)
+  t = tiling or TGMM_DEFAULT
+  tko, tn, chunk = t.tile_m, t.tile_n, t.tile_k   # out rows (K), out cols per WG, rows/step
+  cta_n = 2 * tn
+  if x_mk.dtype not in (jnp.bfloat16, jnp.float16) or dy_mn.dtype != x_mk.dtype:
+    raise ValueError("kernels_pallas.tgmm backend='gpu' takes bf16/f16 x and dy of one dtype; "
+                     "use backend='reference'.")
+  if k % tko or n % cta_n:
+    raise ValueError(f"kernels_pallas.tgmm backend='gpu': K={k} must divide by {tko} and "
+                     f"N={n} by {cta_n}; use backend='reference'.")
+  starts, ends = group_bounds(group_sizes_e, m)
+  sizes = ends - starts
+  steps = cdiv(sizes, chunk)
+  grid_k, grid_n = k // tko, n // cta_n
+  x_tf = _swizzle(plgpu, tko, x_mk.dtype)
+  dy_tf = _swizzle(plgpu, cta_n, dy_mn.dtype)
+  o_tf = _swizzle(plgpu, t.epi_n, out_dtype)
+  epi_n = min(t.epi_n, tn)
+
+  def pipeline(body, ctx, num_steps):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(num_steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+        max_concurrent_steps=t.stages, compute_context=ctx,
+        in_specs=[
+            plgpu.BlockSpec((chunk, tko), lambda r: (r, 0), transforms=x_tf),
+            plgpu.BlockSpec((chunk, cta_n), lambda r: (r, 0), transforms=dy_tf),
+        ])
+
+  ignore = lambda *_, **__: None
+
+  def body(start_gmem, size_gmem, steps_gmem, x_gmem, dy_gmem, o_gmem):
+    fake_x = x_gmem.at[:, pl.ds(0, tko)]
+    fake_dy = dy_gmem.at[:, pl.ds(0, cta_n)]
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore, 8).get_allocations(fake_x, fake_dy),
+        o_smem=plgpu.SMEM((2, tko, epi_n), out_dtype, transforms=o_tf),
+        collective_axes="wg")
+    def _scope(allocs, o_smem):
+      wg = lax.axis_index("wg")
+
+      @plgpu.nd_loop((num_groups * grid_k * grid_n,), collective_axes="sm")
+      def _items(info):
+        lin = info.index[0]
+        g = lin // (grid_k * grid_n)
+        ki, ni = plgpu.planar_snake(lin % (grid_k * grid_n), (grid_k, grid_n), 1, 1)
+        row0, size, nsteps = start_gmem[g], size_gmem[g], steps_gmem[g]
+        dst = o_gmem.at[g, pl.ds(ki * tko, tko), pl.ds(ni * cta_n + wg * tn, tn)]
+
+        def epilogue(acc):
+          for c in range(tn // epi_n):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_smem[wg] = acc[:, c * epi_n:(c + 1) * epi_n]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], dst.at[:, pl.ds(c * epi_n, epi_n)])
+
+        def ctx(eval_pipeline):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tko, tn), jnp.float32))
+          def _acc(acc_ref):
+            eval_pipeline(acc_ref)
+            epilogue(acc_ref[...].astype(out_dtype))
+
+        def mma(idx, x_smem, dy_smem, acc_ref):
+          dy_half = dy_smem.at[:, pl.ds(wg * tn, tn)]
+          last = idx[0] == nsteps - 1
+
+          @pl.when(last & (size % chunk != 0))
+          def _mask():   # rows of the next group (or past M) in the last chunk
+            keep = size - idx[0] * chunk
+            rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (chunk, tn), 0),
+                                     plgpu.Layout.WGMMA)
+            dy_half[...] = jnp.where(rows < keep, dy_half[...], jnp.zeros_like(dy_half[...]))
+            plgpu.commit_smem()
+
+          plgpu.wgmma(acc_ref, plgpu.transpose_ref(x_smem, (1, 0)), dy_half)
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        @pl.when(size > 0)
+        def _compute():
+          pipeline(mma, ctx, nsteps)(x_gmem.at[pl.ds(row0, m), pl.ds(ki * tko, tko)],
+                                     dy_gmem.at[pl.ds(row0, m), pl.ds(ni * cta_n, cta_n)],
+                                     allocations=allocs)
+
+        @pl.when((size == 0) & (wg < 2))
+        def _zeros():
+          epilogue(plgpu.layout_cast(jnp.zeros((tko, tn), out_dtype), plgpu.Layout.WGMMA))
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  kernel = _compat.mgpu_kernel(
+      body, out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return kernel(starts, sizes, steps, x_mk, dy_mn)

@@ -1,0 +1,93 @@
+"""kernels_pallas.route: every backend against a numpy oracle and the reference's gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels_pallas as kp
+from kernels_pallas import RouterSpec
+
+SPECS = [
+    RouterSpec(top_k=8, scoring="softmax"),                                    # A13B
+    RouterSpec(top_k=1, scoring="softmax", renormalize=False),                 # Large
+    RouterSpec(top_k=8, scoring="sigmoid", scale=2.826, eps=1e-20),            # Hy3
+]
+
+
+def oracle(x, w, bias, spec):
+  logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  if spec.scoring == "softmax":
+    s = np.exp(logits - logits.max(-1, keepdims=True))
+    scores = s / s.sum(-1, keepdims=True)
+    probs = scores
+  else:
+    scores = 1 / (1 + np.exp(-logits))
+    probs = scores / scores.sum(-1, keepdims=True)
+  sel = scores + (0 if bias is None else np.asarray(bias, np.float64))
+  experts = np.argsort(-sel, axis=-1, kind="stable")[:, :spec.top_k]   # ties: lower id first
+  weights = np.take_along_axis(scores, experts, -1)
+  if spec.renormalize:
+    weights = weights / (weights.sum(-1, keepdims=True) + spec.eps)
+  flat = experts.reshape(-1)
+  e = w.shape[1]
+  return dict(weights=weights * spec.scale, experts=experts,
+              sort_idx=np.argsort(flat, kind="stable"), sizes=np.bincount(flat, minlength=e),
+              mean_prob=probs.mean(0), z=np.mean(np.log(np.exp(logits).sum(-1)) ** 2))
+
+
+def inputs(seed, t, d, e, dtype, with_bias):
+  kx, kw, kb = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (t, d), jnp.float32).astype(dtype)
+  w = jax.random.normal(kw, (d, e), jnp.float32) * d ** -0.5
+  bias = jax.random.normal(kb, (e,)) * 0.1 if with_bias else None
+  return x, w, bias
+
+
+@pytest.mark.parametrize("backend", ["reference", "split"])
+@pytest.mark.parametrize("spec_i", range(len(SPECS)))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_route_matches_oracle(backend, spec_i, dtype):
+  spec = SPECS[spec_i]
+  x, w, bias = inputs(spec_i * 7 + 1, 96, 64, 16, dtype, spec.scoring == "sigmoid")
+  r = kp.route(x, w, bias, spec, backend=backend)
+  o = oracle(x, w, bias, spec)
+  np.testing.assert_array_equal(np.asarray(r.experts_tk), o["experts"])
+  np.testing.assert_allclose(r.weights_tk, o["weights"], rtol=2e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(r.sort_idx_m), o["sort_idx"])
+  np.testing.assert_array_equal(np.asarray(r.group_sizes_e), o["sizes"])
+  np.testing.assert_allclose(r.expert_frac_e, o["sizes"] / o["sort_idx"].size, rtol=1e-6)
+  np.testing.assert_allclose(r.mean_prob_e, o["mean_prob"], rtol=2e-5, atol=1e-7)
+  np.testing.assert_allclose(r.z_loss, o["z"], rtol=2e-5)
+  assert r.experts_tk.dtype == jnp.int32 and r.weights_tk.dtype == jnp.float32
+
+
+def test_ties_pick_lower_expert_first():
+  x = jnp.ones((4, 8), jnp.float32)
+  w = jnp.zeros((8, 6), jnp.float32)          # every logit equal
+  for backend in ("reference", "split"):
+    r = kp.route(x, w, None, RouterSpec(top_k=3), backend=backend)
+    np.testing.assert_array_equal(np.asarray(r.experts_tk), np.tile([0, 1, 2], (4, 1)))
+    np.testing.assert_array_equal(np.asarray(r.sort_idx_m), np.argsort(
+        np.tile([0, 1, 2], 4), kind="stable"))
+
+
+@pytest.mark.parametrize("spec_i", [0, 2])
+def test_split_grads_match_reference(spec_i):
+  spec = SPECS[spec_i]
+  x, w, bias = inputs(30 + spec_i, 64, 32, 16, jnp.float32, spec.scoring == "sigmoid")
+  c = jax.random.normal(jax.random.key(5), (64, spec.top_k))
+
+  def loss(x, w, backend):
+    r = kp.route(x, w, bias, spec, backend=backend)
+    return jnp.sum(r.weights_tk * c) + r.z_loss + jnp.sum(r.mean_prob_e * r.expert_frac_e)
+
+  ref = jax.grad(loss, (0, 1))(x, w, "reference")
+  got = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(x, w, "split")
+  for a, b in zip(got, ref):   # norm-relative: elementwise cancellation is not an error
+    assert np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b) < 1e-4
+
+
+def test_bad_top_k_names_the_fix():
+  x, w, _ = inputs(0, 4, 8, 4, jnp.float32, False)
+  with pytest.raises(ValueError, match="top_k"):
+    kp.route(x, w, None, RouterSpec(top_k=5))
