@@ -138,8 +138,10 @@ def stage_gmm(names, variants):
         traceback.print_exc()
         RESULTS.setdefault(sec, {})[label] = f"FAIL {err}"[:300]
     if variants:
-      for t in [gmm_gpu.Tiling(stages=3, epi_n=128), gmm_gpu.Tiling(grid_minor=0, grid_width=8),
-                gmm_gpu.Tiling(grid_minor=1, grid_width=4), gmm_gpu.Tiling(tile_k=128, stages=2)]:
+      T = gmm_gpu.Tiling
+      for t in [T(stages=4, swizzled_full=False), T(stages=4, swizzled_full=False, skip_epilogue=True),
+                T(stages=3), T(stages=4, epi_n=32), T(stages=3, delay_release=1),
+                T(stages=3, grid_minor=0, grid_width=8), T(stages=3, grid_minor=1, grid_width=4)]:
         try:
           f = ours(x, w, dy, gs, tiling=t)[0]
           row(sec, f"ours fwd {_short(t)}", timeit(f, x, w, iters=5), flops=flops)
@@ -244,6 +246,13 @@ def stage_router():
     f = jax.jit(lambda x, w, b=b: kp.route(x, w, None, spec, backend=b))
     out[b] = f(x, w)
     row("router", f"route {b}", timeit(f, x, w, iters=20), nbytes=x.nbytes)
+  xs = np.asarray(x[:256], np.float64) @ np.asarray(w, np.float64)
+  from kernels_pallas.router.split import logits_fp32
+  for name, lg in [("split", logits_fp32(x[:256], w)),
+                   ("reference", jnp.dot(x[:256].astype(jnp.float32), w,
+                                         precision=jax.lax.Precision.HIGHEST))]:
+    RESULTS["router"][f"logits_rel_err_{name}_vs_f64"] = rel_err(lg, xs)
+    print(f"  router logits {name} vs float64: rel err {rel_err(lg, xs):.2e}", flush=True)
   same = float(np.mean(np.asarray(out["split"].experts_tk) == np.asarray(out["reference"].experts_tk)))
   RESULTS["router"]["experts_agree"] = same
   RESULTS["router"]["weights_rel_err"] = rel_err(out["split"].weights_tk, out["reference"].weights_tk)

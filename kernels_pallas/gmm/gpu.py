@@ -32,10 +32,14 @@ class Tiling:
   epi_n: int = 64          # columns per epilogue store (smaller = less shared memory)
   grid_minor: int = 1      # planar_snake minor dim: 1 = N tiles inner
   grid_width: int = 1      # planar_snake tile width
+  swizzled_full: bool = True   # full tiles leave through a swizzled buffer (no bank conflicts)
+  delay_release: int = 0   # keep this many wgmma groups in flight before releasing a stage
+  skip_epilogue: bool = False  # DEBUG ONLY (wrong output): times the main loop alone
 
 
-DEFAULT = Tiling()
-DECODE = Tiling(tile_m=64, stages=6)
+DEFAULT = Tiling(stages=3)
+DECODE = Tiling(tile_m=64, stages=4)
+ALIGN = 8   # TMA into 8-row tiled shared memory needs row offsets divisible by 8
 TGMM_DEFAULT = Tiling(tile_m=128, tile_n=128, tile_k=64, stages=4, epi_n=64)
 
 
@@ -62,15 +66,16 @@ def _swizzle(plgpu, cols, dtype):
           plgpu.SwizzleTransform(swz))
 
 
-def _ladder_store(plgpu, pl, src_smem, dst_gmem, rows, max_rows):
-  """Store rows [0, rows) of src to dst with power-of-two TMA copies (static shapes)."""
-  off = jnp.int32(0)
+def _ladder_store(plgpu, pl, src_smem, dst_gmem, lead, rows, max_rows):
+  """Store rows [lead, rows) of src to dst with power-of-two TMA copies (static shapes)."""
+  count = rows - lead
+  off = lead
   size = 1 << (max_rows.bit_length() - 1)
   while size >= 1:
-    pred = (rows & size) != 0
-    plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(off, size)], dst_gmem.at[pl.ds(off, size)],
-                            predicate=pred)
-    off = off + (rows & size)
+    @pl.when((count & size) != 0)
+    def _store(off=off, size=size):
+      plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(off, size)], dst_gmem.at[pl.ds(off, size)])
+    off = off + (count & size)
     size //= 2
 
 
@@ -88,7 +93,7 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
     raise ValueError(f"kernels_pallas.gmm backend='gpu': {why}; use backend='reference'.")
   tm, tn, tk = t.tile_m, t.tile_n, t.tile_k
   cta_n = 2 * tn
-  sched = group_start_schedule(group_sizes_e, m, tm, zero_tail=True)
+  sched = group_start_schedule(group_sizes_e, m, tm, zero_tail=True, align=ALIGN)
   num_visits = sched.group_v.shape[0]
   grid_n = n // cta_n
   k_iters = k // tk
@@ -104,13 +109,14 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
         body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
         max_concurrent_steps=t.stages, compute_context=ctx,
         in_specs=[
-            plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tf),
-            plgpu.BlockSpec(w_block, w_index, transforms=w_tf),
+            plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tf,
+                            delay_release=t.delay_release),
+            plgpu.BlockSpec(w_block, w_index, transforms=w_tf, delay_release=t.delay_release),
         ])
 
   ignore = lambda *_, **__: None
 
-  def body(group_gmem, start_gmem, rows_gmem, x_gmem, w_gmem, o_gmem):
+  def body(group_gmem, start_gmem, rows_gmem, lo_gmem, x_gmem, w_gmem, o_gmem):
     fake_x = x_gmem.at[pl.ds(0, tm)]
     fake_w = (w_gmem.at[0, pl.ds(0, cta_n), :] if transpose_rhs
               else w_gmem.at[0, :, pl.ds(0, cta_n)])
@@ -119,24 +125,47 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(fake_x, fake_w),
         o_smem=plgpu.SMEM((2, tm, epi_n), out_dtype),
+        o_swz=plgpu.SMEM((2, tm, epi_n), out_dtype, transforms=_swizzle(plgpu, epi_n, out_dtype))
+        if t.swizzled_full else None,
         collective_axes="wg")
-    def _scope(allocs, o_smem):
+    def _scope(allocs, o_smem, o_swz):
       wg = lax.axis_index("wg")
 
       @plgpu.nd_loop((num_visits * grid_n,), collective_axes="sm")
       def _items(info):
         v, ni = plgpu.planar_snake(info.index[0], (num_visits, grid_n), t.grid_minor,
                                    t.grid_width)
-        g, row0, rows = group_gmem[v], start_gmem[v], rows_gmem[v]
-        wg_cols = pl.ds(ni * cta_n + wg * tn, tn)
+        g, rows = group_gmem[v], rows_gmem[v]
+        row0 = pl.multiple_of(start_gmem[v], ALIGN)
+        lead = jnp.maximum(lo_gmem[v] - row0, 0)
+        wg_cols = pl.ds(pl.multiple_of(ni * cta_n + wg * tn, tn), tn)
+
+        full = (lead == 0) & (rows == tm)
 
         def epilogue(acc):
+          if t.skip_epilogue:
+            return
           for c in range(tn // epi_n):
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # o_smem free again
-            o_smem[wg] = acc[:, c * epi_n:(c + 1) * epi_n]
-            plgpu.commit_smem()
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # buffers free again
+            part = acc[:, c * epi_n:(c + 1) * epi_n]
             dst = o_gmem.at[pl.ds(row0, tm), wg_cols].at[:, pl.ds(c * epi_n, epi_n)]
-            _ladder_store(plgpu, pl, o_smem.at[wg], dst, rows, tm)
+
+            def partial(part=part, dst=dst):
+              o_smem[wg] = part
+              plgpu.commit_smem()
+              _ladder_store(plgpu, pl, o_smem.at[wg], dst, lead, rows, tm)
+
+            if not t.swizzled_full:
+              partial()
+              continue
+
+            @pl.when(full)
+            def _full():
+              o_swz[wg] = part
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(o_swz.at[wg], dst)
+
+            pl.when(~full)(partial)
 
         def ctx(eval_pipeline):
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
@@ -145,12 +174,13 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
             epilogue(acc_ref[...].astype(out_dtype))
 
         def mma(_, x_smem, w_smem, acc_ref):
+          half = pl.ds(pl.multiple_of(wg * tn, tn), tn)
           if transpose_rhs:
-            b = plgpu.transpose_ref(w_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
+            b = plgpu.transpose_ref(w_smem.at[half, :], (1, 0))
           else:
-            b = w_smem.at[:, pl.ds(wg * tn, tn)]
+            b = w_smem.at[:, half]
           plgpu.wgmma(acc_ref, x_smem, b)
-          plgpu.wgmma_wait(0)
+          plgpu.wgmma_wait(t.delay_release)
           return acc_ref
 
         @pl.when((rows > 0) & (g < num_groups))
@@ -170,7 +200,7 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-  return kernel(sched.group_v, sched.start_v, sched.rows_v, x_mk, w_ekn)
+  return kernel(sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, x_mk, w_ekn)
 
 
 def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=False):
@@ -192,7 +222,9 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=F
                      f"N={n} by {cta_n}; use backend='reference'.")
   starts, ends = group_bounds(group_sizes_e, m)
   sizes = ends - starts
-  steps = cdiv(sizes, chunk)
+  first = starts // ALIGN * ALIGN            # chunk starts on 8-row boundaries
+  leads = starts - first                     # leading rows of the previous group
+  steps = cdiv(sizes + leads, chunk)
   grid_k, grid_n = k // tko, n // cta_n
   x_tf = _swizzle(plgpu, tko, x_mk.dtype)
   dy_tf = _swizzle(plgpu, cta_n, dy_mn.dtype)
@@ -210,7 +242,7 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=F
 
   ignore = lambda *_, **__: None
 
-  def body(start_gmem, size_gmem, steps_gmem, x_gmem, dy_gmem, o_gmem):
+  def body(start_gmem, lead_gmem, size_gmem, steps_gmem, x_gmem, dy_gmem, o_gmem):
     fake_x = x_gmem.at[:, pl.ds(0, tko)]
     fake_dy = dy_gmem.at[:, pl.ds(0, cta_n)]
 
@@ -227,8 +259,10 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=F
         lin = info.index[0]
         g = lin // (grid_k * grid_n)
         ki, ni = plgpu.planar_snake(lin % (grid_k * grid_n), (grid_k, grid_n), 1, 1)
-        row0, size, nsteps = start_gmem[g], size_gmem[g], steps_gmem[g]
-        dst = o_gmem.at[g, pl.ds(ki * tko, tko), pl.ds(ni * cta_n + wg * tn, tn)]
+        row0 = pl.multiple_of(start_gmem[g], ALIGN)
+        lead, size, nsteps = lead_gmem[g], size_gmem[g], steps_gmem[g]
+        dst = o_gmem.at[g, pl.ds(pl.multiple_of(ki * tko, tko), tko),
+                        pl.ds(pl.multiple_of(ni * cta_n + wg * tn, tn), tn)]
 
         def epilogue(acc):
           for c in range(tn // epi_n):
@@ -244,15 +278,17 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=F
             epilogue(acc_ref[...].astype(out_dtype))
 
         def mma(idx, x_smem, dy_smem, acc_ref):
-          dy_half = dy_smem.at[:, pl.ds(wg * tn, tn)]
-          last = idx[0] == nsteps - 1
+          dy_half = dy_smem.at[:, pl.ds(pl.multiple_of(wg * tn, tn), tn)]
+          base = idx[0] * chunk
+          edge = ((idx[0] == 0) & (lead > 0)) | ((idx[0] == nsteps - 1)
+                                                 & ((lead + size) % chunk != 0))
 
-          @pl.when(last & (size % chunk != 0))
-          def _mask():   # rows of the next group (or past M) in the last chunk
-            keep = size - idx[0] * chunk
+          @pl.when(edge)
+          def _mask():   # rows of the neighbouring groups (or past M) in an edge chunk
             rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (chunk, tn), 0),
-                                     plgpu.Layout.WGMMA)
-            dy_half[...] = jnp.where(rows < keep, dy_half[...], jnp.zeros_like(dy_half[...]))
+                                     plgpu.Layout.WGMMA) + base
+            keep = (rows >= lead) & (rows < lead + size)
+            dy_half[...] = jnp.where(keep, dy_half[...], jnp.zeros_like(dy_half[...]))
             plgpu.commit_smem()
 
           plgpu.wgmma(acc_ref, plgpu.transpose_ref(x_smem, (1, 0)), dy_half)
@@ -276,4 +312,4 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=F
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-  return kernel(starts, sizes, steps, x_mk, dy_mn)
+  return kernel(first, leads, sizes, steps, x_mk, dy_mn)

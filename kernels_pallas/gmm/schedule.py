@@ -47,16 +47,23 @@ def _expand(tiles_g, num_visits):
   return g, j, valid
 
 
-def group_start_schedule(group_sizes_e, m, tm, *, zero_tail=True) -> Schedule:
-  """V = cdiv(m, tm) + G visits; group G covers rows [sum(sizes), m) with zeros."""
+def group_start_schedule(group_sizes_e, m, tm, *, zero_tail=True, align=1) -> Schedule:
+  """V = cdiv(m, tm) + G visits; group G covers rows [sum(sizes), m) with zeros.
+
+  align: tile starts are rounded down to a multiple of it (the GPU kernel's TMA copies
+  into 8-row tiled shared memory need it); the first tile of a group then begins with up
+  to align-1 rows of the previous group, which the consumer skips (rows [lo_v - start_v, rows_v)).
+  rows_v counts from start_v, so the rows to write are max(lo_v - start_v, 0) .. rows_v.
+  """
   num_groups = group_sizes_e.shape[0]
   starts, ends = group_bounds(group_sizes_e, m)
   pad = (m - ends[-1]) if zero_tail else jnp.int32(0)
   starts = jnp.concatenate([starts, ends[-1:]])
   ends = jnp.concatenate([ends, ends[-1:] + pad])
-  tiles_g = cdiv(ends - starts, tm)
+  first = starts // align * align
+  tiles_g = jnp.where(ends > starts, cdiv(ends - first, tm), 0)
   g, j, valid = _expand(tiles_g, cdiv(m, tm) + num_groups)
-  start_v = starts[g] + j * tm
+  start_v = first[g] + j * tm
   rows_v = jnp.where(valid, jnp.clip(ends[g] - start_v, 0, tm), 0)
   return Schedule(g, jnp.where(valid, start_v, 0), rows_v, starts[g], ends[g])
 

@@ -30,12 +30,20 @@ def _mm(a, b, dims):
 
 
 def _split_product(a, b, dims):
-  """a @ b in ~fp32 from bf16 parts: hi*hi + hi*lo + lo*hi (lo*lo is below fp32 rounding)."""
+  """a @ b in ~fp32 from bf16 parts: hi*hi + hi*lo + lo*hi (lo*lo is below fp32 rounding).
+
+  The parts of b are concatenated along its free dim so a is read once, and so XLA cannot
+  fold dot(a, hi) + dot(a, lo) into dot(a, hi + lo) with the sum rounded to bf16 (it does).
+  """
   a_hi, a_lo = _parts(a)
   b_hi, b_lo = _parts(b)
-  out = _mm(a_hi, b_hi, dims)
+  b_free = 1 - dims[1][0]
+  n = b.shape[b_free]
   if b_lo is not None:
-    out = out + _mm(a_hi, b_lo, dims)
+    both = _mm(a_hi, jnp.concatenate([b_hi, b_lo], axis=b_free), dims)
+    out = both[:, :n] + both[:, n:]
+  else:
+    out = _mm(a_hi, b_hi, dims)
   if a_lo is not None:
     out = out + _mm(a_lo, b_hi, dims)
   return out
