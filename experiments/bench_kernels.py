@@ -32,6 +32,7 @@ SHAPES = {   # name: (M rows, K, N, experts)
 }
 DECODE = (256, 4096, 6144, 64)
 ROWS, RESULTS = [], {}
+WGM = gmm_gpu.Tiling(stages=3, wg_m=True)
 
 
 def timeit(fn, *args, iters=10, batch=5):
@@ -84,12 +85,16 @@ def stage_check():
     res = {}
     for name, f in [("fwd", lambda b: kp.gmm(x, w, gs, backend=b)),
                     ("dx", lambda b: kp.gmm(dy, w, gs, transpose_rhs=True, backend=b)),
-                    ("dw", lambda b: kp.tgmm(x, dy, gs, backend=b))]:
+                    ("dw", lambda b: kp.tgmm(x, dy, gs, backend=b)),
+                    ("fwd_wg_m", lambda b: gmm_gpu.gmm(x, w, gs, tiling=WGM) if b == "gpu"
+                     else kp.gmm(x, w, gs, backend=b)),
+                    ("dx_wg_m", lambda b: gmm_gpu.gmm(dy, w, gs, transpose_rhs=True, tiling=WGM)
+                     if b == "gpu" else kp.gmm(dy, w, gs, transpose_rhs=True, backend=b))]:
       try:
         got = jax.jit(lambda: f("gpu"))()
         ref = jax.jit(lambda: f("reference"))()
         res[name] = rel_err(got, ref)
-        if name != "dw":
+        if not name.startswith("dw"):
           res[name + "_pad_zero"] = bool(not np.any(np.asarray(got[m - pad:], np.float32)))
       except Exception as err:  # noqa: BLE001 - report and go on
         traceback.print_exc()
@@ -139,9 +144,9 @@ def stage_gmm(names, variants):
         RESULTS.setdefault(sec, {})[label] = f"FAIL {err}"[:300]
     if variants:
       T = gmm_gpu.Tiling
-      for t in [T(stages=4, swizzled_full=False), T(stages=4, swizzled_full=False, skip_epilogue=True),
-                T(stages=3), T(stages=4, epi_n=32), T(stages=3, delay_release=1),
-                T(stages=3, grid_minor=0, grid_width=8), T(stages=3, grid_minor=1, grid_width=4)]:
+      for t in [T(stages=3, wg_m=True), T(stages=3, wg_m=True, delay_release=1),
+                T(stages=3, delay_release=1), T(stages=3, grid_minor=0, grid_width=8),
+                T(stages=3, grid_minor=1, grid_width=4), T(stages=3, wg_m=True, skip_epilogue=True)]:
         try:
           f = ours(x, w, dy, gs, tiling=t)[0]
           row(sec, f"ours fwd {_short(t)}", timeit(f, x, w, iters=5), flops=flops)

@@ -35,6 +35,7 @@ class Tiling:
   swizzled_full: bool = True   # full tiles leave through a swizzled buffer (no bank conflicts)
   delay_release: int = 0   # keep this many wgmma groups in flight before releasing a stage
   skip_epilogue: bool = False  # DEBUG ONLY (wrong output): times the main loop alone
+  wg_m: bool = False       # split the CTA tile between the warpgroups along M (m64n256 wgmma)
 
 
 DEFAULT = Tiling(stages=3)
@@ -101,6 +102,8 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
   w_tf = _swizzle(plgpu, tk if transpose_rhs else cta_n, w_ekn.dtype)
   # Partial tiles need row-granular slices of the epilogue buffer: no swizzle there.
   epi_n = min(t.epi_n, tn)
+  # Per-warpgroup share of the (tm, cta_n) CTA tile.
+  wg_rows, wg_cols_n = (tm // 2, cta_n) if t.wg_m else (tm, tn)
 
   def pipeline(body, ctx):
     w_block = (cta_n, tk) if transpose_rhs else (tk, cta_n)
@@ -124,8 +127,9 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(fake_x, fake_w),
-        o_smem=plgpu.SMEM((2, tm, epi_n), out_dtype),
-        o_swz=plgpu.SMEM((2, tm, epi_n), out_dtype, transforms=_swizzle(plgpu, epi_n, out_dtype))
+        o_smem=plgpu.SMEM((2, wg_rows, epi_n), out_dtype),
+        o_swz=plgpu.SMEM((2, wg_rows, epi_n), out_dtype,
+                         transforms=_swizzle(plgpu, epi_n, out_dtype))
         if t.swizzled_full else None,
         collective_axes="wg")
     def _scope(allocs, o_smem, o_swz):
@@ -138,22 +142,27 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
         g, rows = group_gmem[v], rows_gmem[v]
         row0 = pl.multiple_of(start_gmem[v], ALIGN)
         lead = jnp.maximum(lo_gmem[v] - row0, 0)
-        wg_cols = pl.ds(pl.multiple_of(ni * cta_n + wg * tn, tn), tn)
+        r0 = wg * wg_rows if t.wg_m else 0
+        c0 = ni * cta_n + (0 if t.wg_m else wg * tn)
+        wg_cols = pl.ds(pl.multiple_of(c0, tn), wg_cols_n)
+        wg_lead = jnp.clip(lead - r0, 0, wg_rows)
+        wg_end = jnp.clip(rows - r0, 0, wg_rows)
 
-        full = (lead == 0) & (rows == tm)
+        full = (wg_lead == 0) & (wg_end == wg_rows)
 
         def epilogue(acc):
           if t.skip_epilogue:
             return
-          for c in range(tn // epi_n):
+          for c in range(wg_cols_n // epi_n):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # buffers free again
             part = acc[:, c * epi_n:(c + 1) * epi_n]
-            dst = o_gmem.at[pl.ds(row0, tm), wg_cols].at[:, pl.ds(c * epi_n, epi_n)]
+            dst = o_gmem.at[pl.ds(pl.multiple_of(row0 + r0, ALIGN), wg_rows),
+                            wg_cols].at[:, pl.ds(c * epi_n, epi_n)]
 
             def partial(part=part, dst=dst):
               o_smem[wg] = part
               plgpu.commit_smem()
-              _ladder_store(plgpu, pl, o_smem.at[wg], dst, lead, rows, tm)
+              _ladder_store(plgpu, pl, o_smem.at[wg], dst, wg_lead, wg_end, wg_rows)
 
             if not t.swizzled_full:
               partial()
@@ -168,18 +177,22 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
             pl.when(~full)(partial)
 
         def ctx(eval_pipeline):
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+          @functools.partial(pl.run_scoped,
+                             acc_ref=plgpu.ACC((wg_rows, wg_cols_n), jnp.float32))
           def _acc(acc_ref):
             eval_pipeline(acc_ref)
             epilogue(acc_ref[...].astype(out_dtype))
 
         def mma(_, x_smem, w_smem, acc_ref):
-          half = pl.ds(pl.multiple_of(wg * tn, tn), tn)
-          if transpose_rhs:
-            b = plgpu.transpose_ref(w_smem.at[half, :], (1, 0))
+          if t.wg_m:
+            a = x_smem.at[pl.ds(pl.multiple_of(wg * wg_rows, wg_rows), wg_rows)]
+            b = plgpu.transpose_ref(w_smem, (1, 0)) if transpose_rhs else w_smem
           else:
-            b = w_smem.at[:, half]
-          plgpu.wgmma(acc_ref, x_smem, b)
+            a = x_smem
+            half = pl.ds(pl.multiple_of(wg * tn, tn), tn)
+            b = (plgpu.transpose_ref(w_smem.at[half, :], (1, 0)) if transpose_rhs
+                 else w_smem.at[:, half])
+          plgpu.wgmma(acc_ref, a, b)
           plgpu.wgmma_wait(t.delay_release)
           return acc_ref
 
@@ -191,7 +204,8 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
 
         @pl.when((rows > 0) & (g == num_groups) & (wg < 2))
         def _zeros():   # padded rows past sum(group_sizes)
-          epilogue(plgpu.layout_cast(jnp.zeros((tm, tn), out_dtype), plgpu.Layout.WGMMA))
+          epilogue(plgpu.layout_cast(jnp.zeros((wg_rows, wg_cols_n), out_dtype),
+                                     plgpu.Layout.WGMMA))
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
