@@ -144,9 +144,8 @@ def stage_gmm(names, variants):
         RESULTS.setdefault(sec, {})[label] = f"FAIL {err}"[:300]
     if variants:
       T = gmm_gpu.Tiling
-      for t in [T(stages=3, wg_m=True), T(stages=3, wg_m=True, delay_release=1),
-                T(stages=3, delay_release=1), T(stages=3, grid_minor=0, grid_width=8),
-                T(stages=3, grid_minor=1, grid_width=4), T(stages=3, wg_m=True, skip_epilogue=True)]:
+      for t in [T(stages=3, grid_minor=0, grid_width=16), T(stages=3, grid_minor=0, grid_width=4),
+                T(stages=3, grid_minor=0, grid_width=8, wg_m=True)]:
         try:
           f = ours(x, w, dy, gs, tiling=t)[0]
           row(sec, f"ours fwd {_short(t)}", timeit(f, x, w, iters=5), flops=flops)
