@@ -19,7 +19,7 @@ import hf_fixtures as fx  # noqa: E402
 from hunyuan_jax.checkpoint import load_hf_checkpoint  # noqa: E402
 from hunyuan_jax.model import forward, init_cache  # noqa: E402
 
-B, T = 2, 12
+B, T = 2, 18  # T = prompt 8 + 10 decoded tokens, so the decode test reuses this compile
 
 
 def rel_l2(a, b) -> float:
