@@ -1,0 +1,123 @@
+"""The functional core on tiny random models of every family: cache, greedy, structure, grads."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hunyuan_jax.model import forward, forward_mtp, init_cache, init_params, param_logical_axes
+from hunyuan_jax.model.greedy import greedy_generate
+from tiny_configs import tiny
+
+FAMILIES = ["a13b", "large", "hy3", "dense"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_and_decode_match_full_forward(family):
+  cfg = tiny(family)
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  full = forward(params, tokens, pos, cfg=cfg).logits
+  cache = init_cache(cfg, 2, 16, jnp.float32)
+  pieces = []
+  for start, stop in ((0, 4), (4, 8), (8, 9), (9, 10), (10, 11)):  # two prefill chunks, then decode
+    out = forward(params, tokens[:, start:stop], pos[:, start:stop], cache, cfg=cfg)
+    pieces.append(out.logits)
+    cache = out.cache
+  np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["a13b", "hy3"])
+def test_greedy_generate_equals_uncached_argmax(family):
+  cfg = tiny(family)
+  params = init_params(cfg, jax.random.key(2))
+  prompt = jax.random.randint(jax.random.key(3), (1, 5), 0, cfg.vocab_size)
+  got = greedy_generate(params, prompt, cfg=cfg, max_new_tokens=6)
+  toks = prompt
+  for _ in range(6):
+    logits = forward(params, toks, jnp.arange(toks.shape[1])[None], cfg=cfg).logits
+    toks = jnp.concatenate([toks, jnp.argmax(logits[:, -1], -1)[:, None].astype(toks.dtype)], 1)
+  np.testing.assert_array_equal(got, toks[:, 5:])
+
+
+def test_rows_of_a_batch_are_independent():
+  """Different lengths in one cache: a slot never sees another slot's (or stale) entries."""
+  cfg = tiny("a13b")
+  params = init_params(cfg, jax.random.key(4))
+  a = jax.random.randint(jax.random.key(5), (1, 6), 0, cfg.vocab_size)
+  alone = forward(params, a, jnp.arange(6)[None], cfg=cfg).logits[0, -1]
+  cache = init_cache(cfg, 2, 8, jnp.float32)
+  # Fill row 1 with unrelated tokens first, then prefill row 0 while row 1 carries padding.
+  junk = jax.random.randint(jax.random.key(6), (2, 8), 0, cfg.vocab_size)
+  cache = forward(params, junk, jnp.broadcast_to(jnp.arange(8), (2, 8)), cache, cfg=cfg).cache
+  batch = jnp.concatenate([a, junk[1:, :6]], 0)
+  out = forward(params, batch, jnp.broadcast_to(jnp.arange(6), (2, 6)), cache, cfg=cfg)
+  np.testing.assert_allclose(out.logits[0, -1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_structure_follows_the_config():
+  large = init_params(tiny("large"), jax.random.key(0))
+  assert set(large["groups_0"]) == {"layer_0", "layer_1"}
+  assert "k" in large["groups_0"]["layer_0"]["attn"] and "k" not in large["groups_0"]["layer_1"]["attn"]
+  assert large["groups_0"]["layer_0"]["attn"]["q"].shape[0] == 2  # 4 layers = 2 scanned pairs
+  hy3 = init_params(tiny("hy3"), jax.random.key(0))
+  assert "mlp" in hy3["groups_0"]["layer_0"] and "moe" in hy3["groups_1"]["layer_0"]
+  assert hy3["groups_1"]["layer_0"]["moe"]["expert_bias"].dtype == jnp.float32
+  assert "lm_head" in hy3 and "lm_head" not in large
+  axes = param_logical_axes(tiny("a13b"))
+  assert tuple(axes["groups_0"]["layer_0"]["moe"]["wi"]) == ("layers", "experts", "embed", None, "mlp")
+
+
+def test_expert_bias_only_changes_selection():
+  """Hy3: the bias picks experts but the weights come from the unbiased sigmoid scores."""
+  cfg = tiny("hy3", num_layers=2)
+  params = init_params(cfg, jax.random.key(7))
+  tokens = jax.random.randint(jax.random.key(8), (1, 9), 0, cfg.vocab_size)
+  pos = jnp.arange(9)[None]
+  base = forward(params, tokens, pos, cfg=cfg).logits
+  bias = params["groups_1"]["layer_0"]["moe"]["expert_bias"]
+  same_order = jax.tree.map(lambda x: x, params)
+  same_order["groups_1"]["layer_0"]["moe"]["expert_bias"] = bias + 5.0  # uniform shift: same top-k
+  np.testing.assert_allclose(forward(params=same_order, tokens_bt=tokens, positions_bt=pos, cfg=cfg).logits,
+                             base, rtol=1e-6, atol=1e-6)
+  skewed = jax.tree.map(lambda x: x, params)
+  skewed["groups_1"]["layer_0"]["moe"]["expert_bias"] = bias.at[0].add(10.0)  # forces expert 0 in
+  assert float(jnp.max(jnp.abs(forward(skewed, tokens, pos, cfg=cfg).logits - base))) > 1e-4
+
+
+def test_mtp_head_runs_and_differentiates():
+  cfg = tiny("hy3")
+  params = init_params(cfg, jax.random.key(9))
+  tokens = jax.random.randint(jax.random.key(10), (2, 7), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+
+  def loss(p):
+    out = forward(p, tokens, pos, cfg=cfg)
+    mtp_logits, _ = forward_mtp(p, out.hidden[:, :-1], tokens[:, 1:], pos[:, :-1], cfg=cfg)
+    return jnp.mean(mtp_logits[0] ** 2)
+
+  grads = jax.grad(loss)(params)
+  assert mtp_logits_shape(cfg, params, tokens, pos) == (2, 6, cfg.vocab_size)
+  assert float(jnp.abs(grads["mtp_0"]["eh_proj"]).sum()) > 0
+
+
+def mtp_logits_shape(cfg, params, tokens, pos):
+  out = forward(params, tokens, pos, cfg=cfg)
+  logits, _ = forward_mtp(params, out.hidden[:, :-1], tokens[:, 1:], pos[:, :-1], cfg=cfg)
+  return logits[0].shape
+
+
+def test_gradients_flow_to_every_parameter():
+  cfg = tiny("a13b", num_layers=2)
+  params = init_params(cfg, jax.random.key(11))
+  tokens = jax.random.randint(jax.random.key(12), (2, 8), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+
+  def loss(p):
+    logits = forward(p, tokens, pos, cfg=cfg).logits
+    return -jnp.mean(jax.nn.log_softmax(logits[:, :-1]) * jax.nn.one_hot(tokens[:, 1:], cfg.vocab_size))
+
+  grads = jax.grad(loss)(params)
+  zero = [jax.tree_util.keystr(k) for k, g in jax.tree_util.tree_leaves_with_path(grads)
+          if not np.any(np.asarray(g))]
+  assert not zero, f"parameters without gradient: {zero}"
