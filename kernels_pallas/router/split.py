@@ -16,9 +16,12 @@ from kernels_pallas.router.reference import RouterSpec, Routing
 
 def _split(a):
   """a (f32) -> (hi, lo) bf16 with hi + lo == a to ~2^-16 relative."""
+  # hi by truncating the f32 bits, not by a round trip through bf16: XLA on GPU may drop
+  # f32->bf16->f32 converts (allow_excess_precision), which made lo = 0 (seen on H100).
   a = a.astype(jnp.float32)
-  hi = a.astype(jnp.bfloat16)
-  return hi, (a - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  bits = jax.lax.bitcast_convert_type(a, jnp.uint32) & jnp.uint32(0xFFFF0000)
+  hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return hi.astype(jnp.bfloat16), (a - hi).astype(jnp.bfloat16)
 
 
 def _parts(a):
