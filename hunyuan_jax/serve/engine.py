@@ -1,0 +1,371 @@
+"""Serving engine: request slots over one preallocated KV cache, chunked prefill, continuous batching.
+
+    submit(prompt ids) -> waiting -> a free slot -> prefill in chunks (batch 1, the slot's cache row)
+      -> first token sampled in the last chunk -> decode steps over ALL slots at once -> stop -> free
+
+Both prefill and decode call the core `forward` with a cache (rows are independent: a query at
+position p sees cache rows j <= p of its own slot, so a reused slot never sees stale entries).
+Shapes are bucketed so requests join and leave without recompiling: the decode batch is always
+`max_slots` (free rows write at a dropped position), prefill chunks are powers of two up to
+`prefill_chunk`, and attention runs over the cache prefix rounded up to `kv_block` rows, so the
+bytes a decode step reads track the longest live sequence, not `max_len`.
+
+Decode state (last token, position, sampling parameters, penalty counts) lives on the device and
+the step donates it with the cache; the host reads step n's tokens after dispatching step n+1, so
+stop checks and detokenisation overlap the next step (a finished slot wastes one row of one step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import queue
+import threading
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.model import cache_logical_axes, forward, init_cache
+from hunyuan_jax.model.transformer import Transformer
+from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, sample
+
+DROP = 2**30  # a cache position past any buffer: the model's scatter drops the write
+
+
+@dataclasses.dataclass
+class Delta:
+  """One engine event for a request: new token ids, the text they complete, and maybe the end."""
+  token_ids: list
+  text: str
+  finish_reason: Optional[str] = None   # "stop" | "length" | "abort"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  prompt_ids: list
+  params: SamplingParams
+  id: str = ""
+  output_ids: list = dataclasses.field(default_factory=list)
+  text: str = ""
+  finish_reason: Optional[str] = None
+  events: "queue.Queue[Delta]" = dataclasses.field(default_factory=queue.Queue)
+  cancelled: bool = False
+  # engine bookkeeping
+  slot: int = -1
+  prefilled: int = 0
+  scheduled: int = 0          # tokens whose computation has been dispatched
+  seed: int = 0
+  _decoder: Any = None
+  _emitted: int = 0           # chars of `text` already sent as deltas
+
+  @property
+  def done(self) -> bool:
+    return self.finish_reason is not None
+
+
+class SlotState(NamedTuple):
+  """Device-resident decode state, one row per slot."""
+  tokens_b: jax.Array        # int32 last token (the next decode input)
+  positions_b: jax.Array     # int32 cache row the next token is written at
+  active_b: jax.Array        # bool
+  sp: SamplingArrays
+  counts_bv: jax.Array       # int32 generated-token counts (presence/frequency/repetition)
+  prompt_bv: jax.Array       # bool tokens of the prompt (repetition penalty)
+
+
+def cache_bytes(cache) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(cache))
+
+
+def generation_defaults(model_dir: Optional[str]) -> dict:
+  """Sampling defaults from a model folder's generation_config.json (as vLLM applies them)."""
+  path = os.path.join(model_dir or "", "generation_config.json")
+  if not model_dir or not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    gen = json.load(f)
+  keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+  out = {k: gen[k] for k in keys if gen.get(k) is not None}
+  if gen.get("do_sample") is False:
+    out["temperature"] = 0.0
+  return out
+
+
+def _rows_to_cache(cache, new_small, b_idx, pos_bt):
+  """Scatter the rows a forward wrote into a cache slice back into the full cache."""
+  def put(full, small):
+    rows = small[:, b_idx[:, None] - b_idx[0], jnp.minimum(pos_bt, small.shape[2] - 1)]
+    return full.at[:, b_idx[:, None], pos_bt].set(rows, mode="drop")
+  return jax.tree.map(put, cache, new_small)
+
+
+class Engine:
+  def __init__(self, cfg: ModelConfig, params, *, max_slots: int = 8, max_len: Optional[int] = None,
+               prefill_chunk: int = 512, kv_block: int = 256, tokenizer=None, eos_ids: Sequence[int] = (),
+               mesh=None, cache_dtype=None):
+    self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
+    self.max_slots = max_slots
+    self.max_len = int(max_len or cfg.max_position_embeddings)
+    self.prefill_chunk = max(16, 1 << (int(prefill_chunk) - 1).bit_length())
+    self.kv_block = kv_block
+    self.eos_ids = set(eos_ids) or set(getattr(tokenizer, "eos_ids", None) or cfg.eos_token_ids)
+    b, v = max_slots, cfg.vocab_size
+    self.cache = init_cache(cfg, b, self.max_len, cache_dtype)
+    self._cache_shardings = None
+    if mesh is not None:
+      from hunyuan_jax.sharding import shardings_for
+      self._cache_shardings = shardings_for(cache_logical_axes(cfg), self.cache, mesh)
+      self.cache = jax.device_put(self.cache, self._cache_shardings)
+    self.cache_bytes = cache_bytes(self.cache)
+    self._sp_host = [None] * b
+    self.state = SlotState(jnp.zeros(b, jnp.int32), jnp.full(b, DROP, jnp.int32), jnp.zeros(b, bool),
+                           SamplingArrays.from_params([None] * b, [0] * b, [0] * b),
+                           jnp.zeros((b, v), jnp.int32), jnp.zeros((b, v), bool))
+    self.slots: list[Optional[Request]] = [None] * b
+    self._pos_host = np.zeros(b, np.int64)
+    self._waiting: "queue.Queue[Request]" = queue.Queue()
+    self._pending: list = []                 # (device tokens, [(index, slot, request)]) not yet read
+    self._ids = itertools.count()
+    self._lock = threading.Lock()
+    self._wake = threading.Event()
+    self._decode = jax.jit(self._decode_fn, static_argnames=("kv_len",), donate_argnums=(1, 2))
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("kv_len",), donate_argnums=(1, 2))
+    self._set_rows = jax.jit(self._set_rows_fn, donate_argnums=(0,))
+
+  # ---------------------------------------------------------------- public API (thread-safe)
+  def submit(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
+             request_id: Optional[str] = None) -> Request:
+    params = params or SamplingParams()
+    params.validate()
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+      raise ValueError("the prompt is empty; send at least one token")
+    if len(prompt_ids) >= self.max_len:
+      raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_len} "
+                       "(prompt plus at least one generated token); shorten the prompt")
+    bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
+    if bad:
+      raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+    req = Request(prompt_ids, params, id=request_id or f"req-{next(self._ids)}")
+    req.seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31))
+    if self.tokenizer is not None:
+      from hunyuan_jax.tokenizer import StreamDecoder
+      req._decoder = StreamDecoder(self.tokenizer)
+    self._waiting.put(req)
+    self._wake.set()
+    return req
+
+  def cancel(self, req: Request) -> None:
+    """Frees the request's slot at the next step (client gone)."""
+    req.cancelled = True
+    self._wake.set()
+
+  def num_active(self) -> int:
+    return sum(r is not None for r in self.slots)
+
+  def has_work(self) -> bool:
+    return self.num_active() > 0 or not self._waiting.empty() or bool(self._pending)
+
+  def generate(self, prompts: Sequence[Sequence[int]], params: Optional[SamplingParams] = None):
+    """Runs until every prompt is done; returns the Requests (output_ids, text, finish_reason)."""
+    reqs = [self.submit(p, dataclasses.replace(params) if params else None) for p in prompts]
+    while not all(r.done for r in reqs):
+      self.step()
+    return reqs
+
+  def run_forever(self, stop: threading.Event) -> None:
+    """The server's engine thread."""
+    while not stop.is_set():
+      if self.has_work():
+        self.step()
+      else:
+        self._wake.wait(0.05)
+        self._wake.clear()
+
+  # ---------------------------------------------------------------- scheduling
+  def step(self) -> None:
+    """One iteration: admit, prefill a chunk per new slot, dispatch a decode step, read the last one."""
+    with self._lock:
+      self._drop_cancelled()
+      self._admit()
+      self._prefill_waiting_slots()
+      decoding = [(i, r) for i, r in enumerate(self.slots)
+                  if r is not None and r.prefilled == len(r.prompt_ids) and not r.done
+                  and r.scheduled < self._token_limit(r)]
+      previous = self._pending
+      self._pending = []
+      if decoding:
+        self._dispatch_decode(decoding)
+      for toks, rows in previous:
+        self._consume(np.asarray(toks), rows)
+
+  def _token_limit(self, r: Request) -> int:
+    return min(r.params.max_tokens, self.max_len - len(r.prompt_ids))
+
+  def _drop_cancelled(self):
+    for i, r in enumerate(self.slots):
+      if r is not None and r.cancelled and not r.done:
+        self._finish(r, "abort")
+    for i, r in enumerate(self.slots):
+      if r is not None and r.done:
+        self._free(i)
+
+  def _admit(self):
+    free = [i for i, r in enumerate(self.slots) if r is None]
+    changed = False
+    while free and not self._waiting.empty():
+      r = self._waiting.get()
+      if r.cancelled:
+        self._finish(r, "abort")
+        continue
+      i = free.pop(0)
+      r.slot, self.slots[i], self._sp_host[i] = i, r, r.params
+      self._pos_host[i] = 0
+      changed = True
+    if changed:
+      self._upload_rows()
+
+  def _free(self, i: int):
+    self.slots[i] = None
+    self._sp_host[i] = None
+    self._upload_rows()
+
+  def _upload_rows(self):
+    """Host mirror -> device rows: active mask, positions, sampling parameters."""
+    b = self.max_slots
+    active = np.array([r is not None and r.prefilled == len(r.prompt_ids) and not r.done
+                       and r.scheduled < self._token_limit(r) for r in self.slots])
+    pos = np.where(active, self._pos_host, DROP).astype(np.int32)
+    steps = [r.scheduled if r else 0 for r in self.slots]
+    seeds = [r.seed if r else 0 for r in self.slots]
+    sp = SamplingArrays.from_params(self._sp_host, steps, seeds)
+    assert len(active) == b
+    self.state = self._set_rows(self.state, active, pos, sp)
+
+  @staticmethod
+  def _set_rows_fn(state: SlotState, active, pos, sp):
+    return state._replace(active_b=active, positions_b=pos, sp=sp)
+
+  def _kv_len(self, n: int) -> int:
+    return int(min(self.max_len, -(-n // self.kv_block) * self.kv_block))
+
+  # ---------------------------------------------------------------- prefill
+  def _prefill_waiting_slots(self):
+    for i, r in enumerate(self.slots):
+      if r is None or r.prefilled == len(r.prompt_ids):
+        continue
+      start = r.prefilled
+      n = min(self.prefill_chunk, len(r.prompt_ids) - start)
+      c = max(16, 1 << (n - 1).bit_length())
+      toks = np.zeros(c, np.int32)
+      toks[:n] = r.prompt_ids[start:start + n]
+      pos = np.full(c, DROP, np.int32)
+      pos[:n] = np.arange(start, start + n)
+      last = start + n == len(r.prompt_ids)
+      first_tok, self.cache, self.state = self._prefill(
+          self.params, self.cache, self.state, np.int32(i), toks, pos, np.int32(n - 1),
+          np.bool_(start == 0), np.bool_(last), kv_len=self._kv_len(start + n))
+      r.prefilled = start + n
+      if last:
+        r.scheduled = 1
+        self._pos_host[i] = len(r.prompt_ids)
+        self._upload_rows()
+        self._pending.append((first_tok[None], [(0, i, r)]))
+
+  def _prefill_fn(self, params, cache, state: SlotState, slot, toks_c, pos_c, last_idx, is_first, is_last,
+                  *, kv_len):
+    row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)[:, :, :kv_len], cache)
+    model = Transformer(self.cfg)
+    h = model.apply({"params": params}, toks_c[None], pos_c[None], row, None, True)
+    logits_1v = model.apply({"params": params}, h.hidden[:, last_idx][:, None], method=Transformer.logits)[:, 0]
+    cache = _rows_to_cache(cache, h.cache, slot[None], pos_c[None])
+    cache = self._constrain(cache)
+    v = self.cfg.vocab_size
+    prompt_v = jnp.where(is_first, False, state.prompt_bv[slot])
+    seen_v = jnp.zeros(v, jnp.int32).at[toks_c].max((pos_c < DROP).astype(jnp.int32))
+    prompt_v = prompt_v | (seen_v > 0)
+    counts_v = jnp.where(is_first, 0, state.counts_bv[slot])
+    sp_row = jax.tree.map(lambda a: a[slot][None], state.sp)
+    tok = sample(logits_1v, sp_row, counts_v[None], prompt_v[None])[0]
+    counts_v = counts_v + (jax.nn.one_hot(tok, v, dtype=jnp.int32) * is_last)
+    tokens_b = state.tokens_b.at[slot].set(jnp.where(is_last, tok, state.tokens_b[slot]))
+    state = state._replace(tokens_b=tokens_b, counts_bv=state.counts_bv.at[slot].set(counts_v),
+                           prompt_bv=state.prompt_bv.at[slot].set(prompt_v))
+    return tok, cache, state
+
+  # ---------------------------------------------------------------- decode
+  def _dispatch_decode(self, decoding):
+    kv_len = self._kv_len(int(max(self._pos_host[i] for i, _ in decoding)) + 1)
+    toks, self.cache, self.state = self._decode(self.params, self.cache, self.state, kv_len=kv_len)
+    for i, r in decoding:
+      self._pos_host[i] += 1
+      r.scheduled += 1
+    # A slot that reached its token limit must not run again: deactivate it before the next step.
+    if any(r.scheduled >= self._token_limit(r) for _, r in decoding):
+      self._upload_rows()
+    self._pending.append((toks, [(i, i, r) for i, r in decoding]))
+
+  def _decode_fn(self, params, cache, state: SlotState, *, kv_len):
+    b = self.max_slots
+    pos_b = jnp.where(state.active_b, state.positions_b, DROP)
+    small = cache if kv_len == self.max_len else jax.tree.map(lambda x: x[:, :, :kv_len], cache)
+    out = forward(params, state.tokens_b[:, None], pos_b[:, None], small, cfg=self.cfg)
+    if kv_len == self.max_len:
+      cache = out.cache
+    else:
+      cache = _rows_to_cache(cache, out.cache, jnp.arange(b), pos_b[:, None])
+    cache = self._constrain(cache)
+    tok_b = sample(out.logits[:, 0], state.sp, state.counts_bv, state.prompt_bv)
+    act = state.active_b
+    counts = state.counts_bv.at[jnp.arange(b), tok_b].add(act.astype(jnp.int32))
+    sp = state.sp._replace(step=state.sp.step + act.astype(jnp.uint32))
+    state = state._replace(tokens_b=jnp.where(act, tok_b, state.tokens_b),
+                           positions_b=state.positions_b + act.astype(jnp.int32), sp=sp, counts_bv=counts)
+    return tok_b, cache, state
+
+  def _constrain(self, cache):
+    if self._cache_shardings is None:
+      return cache
+    return jax.lax.with_sharding_constraint(cache, self._cache_shardings)
+
+  # ---------------------------------------------------------------- outputs
+  def _consume(self, toks_b: np.ndarray, rows):
+    for j, i, r in rows:
+      if r.done or self.slots[i] is not r:
+        continue  # finished (or cancelled) while this step was in flight
+      self._emit(r, int(toks_b[j]))
+    for i, r in enumerate(self.slots):
+      if r is not None and r.done:
+        self._free(i)
+
+  def _emit(self, r: Request, tok: int):
+    p = r.params
+    r.output_ids.append(tok)
+    stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+    if tok in stop_ids:
+      return self._finish(r, "stop")
+    if r._decoder is not None:
+      r.text += r._decoder.push(tok)
+      for s in p.stop:
+        k = r.text.find(s, max(0, r._emitted - len(s)))
+        if k >= 0:
+          r.text = r.text[:k]
+          return self._finish(r, "stop", flush=False)
+    if len(r.output_ids) >= self._token_limit(r):
+      return self._finish(r, "length")
+    hold = max((len(s) - 1 for s in p.stop), default=0)   # a stop string may still be forming
+    safe = max(r._emitted, len(r.text) - hold)
+    r.events.put(Delta([tok], r.text[r._emitted:safe]))
+    r._emitted = safe
+
+  def _finish(self, r: Request, reason: str, flush: bool = True):
+    if flush and r._decoder is not None:
+      r.text += r._decoder.flush()
+    r.finish_reason = reason
+    r.events.put(Delta(r.output_ids[-1:] if reason != "abort" else [], r.text[r._emitted:], reason))
+    r._emitted = len(r.text)

@@ -1,0 +1,157 @@
+"""Engine: cached decode == uncached forward, continuous batching == alone, stops, slots, CLA cache.
+
+One tiny fp32 model and one engine shared by the module (compiles dominate the runtime on CPU):
+max_len 128 with kv_block 64 gives two attention buckets, so both the sliced-prefix and the
+full-cache decode paths run.
+"""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.model import forward, init_cache, init_params
+from hunyuan_jax.serve.engine import Engine, cache_bytes, generation_defaults
+from hunyuan_jax.serve.sampling import SamplingParams
+from hunyuan_jax.tokenizer import ByteTokenizer
+
+MAX_LEN = 128
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = ModelConfig.from_pretrained("tiny").replace(dtype="float32", param_dtype="float32")
+  return cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+  cfg, params = model
+  return Engine(cfg, params, max_slots=3, max_len=MAX_LEN, prefill_chunk=16, kv_block=64,
+                tokenizer=ByteTokenizer())
+
+
+@pytest.fixture(scope="module")
+def uncached_logits(model):
+  """Full (no cache) forward at one padded length: causal, so the padding never reaches a prefix."""
+  cfg, params = model
+  fn = jax.jit(lambda t: forward(params, t, jnp.arange(MAX_LEN)[None], cfg=cfg).logits[0])
+
+  def logits(ids):
+    toks = np.zeros((1, MAX_LEN), np.int32)
+    toks[0, :len(ids)] = ids
+    return np.asarray(fn(toks))[:len(ids)]
+  return logits
+
+
+def _greedy_alone(uncached_logits, prompt, n):
+  ids = list(prompt)
+  for _ in range(n):
+    ids.append(int(np.argmax(uncached_logits(ids)[-1])))
+  return ids[len(prompt):]
+
+
+def _prompts(seed, lengths):
+  rng = np.random.default_rng(seed)
+  return [[int(t) for t in rng.integers(0, 256, n)] for n in lengths]
+
+
+def test_cached_logits_equal_uncached(model, uncached_logits):
+  """Chunked prefill + decode with the cache reproduce the uncached logits at every position."""
+  cfg, params = model
+  ids = _prompts(1, [35])[0]
+  cache = init_cache(cfg, 1, MAX_LEN)
+  step = jax.jit(lambda c, t, p: forward(params, t, p, c, cfg=cfg))
+  got = []
+  for lo, hi in ((0, 16), (16, 32), (32, 33), (33, 34), (34, 35)):  # two prefill chunks, three decode steps
+    out = step(cache, jnp.asarray([ids[lo:hi]]), jnp.arange(lo, hi)[None])
+    cache = out.cache
+    got.append(np.asarray(out.logits[0]))
+  np.testing.assert_allclose(np.concatenate(got), uncached_logits(ids), atol=2e-5, rtol=1e-5)
+
+
+def test_engine_greedy_matches_uncached_and_batching(engine, uncached_logits):
+  """Requests joining at different steps (a slot reused, one crossing a kv bucket) each get their
+  alone-greedy tokens."""
+  prompts = _prompts(2, [5, 40, 17, 50, 3])
+  n_new = [8, 8, 8, 20, 8]                               # 50 + 20 crosses the 64-row bucket
+  expected = [_greedy_alone(uncached_logits, p, n) for p, n in zip(prompts, n_new)]
+  reqs = []
+  for k, (p, n) in enumerate(zip(prompts, n_new)):
+    reqs.append(engine.submit(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)))
+    for _ in range(k + 1):                                # arrivals at different steps
+      engine.step()
+  while not all(r.done for r in reqs):
+    engine.step()
+  assert [r.output_ids for r in reqs] == expected
+  assert all(r.finish_reason == "length" for r in reqs)
+  assert engine.num_active() == 0
+
+
+def test_seeded_sampling_reproducible_in_any_batch(engine):
+  p = _prompts(3, [9])[0]
+  sp = lambda seed: SamplingParams(temperature=1.0, top_p=0.95, max_tokens=6, seed=seed, ignore_eos=True)
+  alone = engine.generate([p], sp(7))[0].output_ids
+  crowd = engine.generate([p, _prompts(4, [12])[0], p], sp(7))
+  assert crowd[0].output_ids == alone and crowd[2].output_ids == alone
+  others = [engine.generate([p], sp(s))[0].output_ids for s in (8, 9, 10)]
+  assert any(o != alone for o in others), "different seeds should not all repeat seed 7's draw"
+
+
+def test_stop_token_stop_string_and_max_tokens(engine):
+  p = _prompts(5, [11])[0]
+  free = engine.generate([p], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+  assert len(free.output_ids) == 12 and free.finish_reason == "length"
+  # stop token: the first occurrence of the 4th generated id ends the request there
+  stop_id = free.output_ids[3]
+  cut = free.output_ids.index(stop_id) + 1
+  r = engine.generate([p], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_id]))[0]
+  assert r.output_ids == free.output_ids[:cut] and r.finish_reason == "stop"
+  # stop string: two bytes taken from the middle of the generated text; the text ends before them
+  text = ByteTokenizer().decode(free.output_ids)
+  stop = text[5:7]
+  r = engine.generate([p], SamplingParams(temperature=0.0, max_tokens=12, stop=[stop], ignore_eos=True))[0]
+  assert r.finish_reason == "stop" and r.text == text[:text.find(stop)]
+  # the streamed deltas never contain any part of the stop string and add up to the final text
+  deltas = []
+  while not r.events.empty():
+    deltas.append(r.events.get())
+  assert "".join(d.text for d in deltas) == r.text and deltas[-1].finish_reason == "stop"
+
+
+def test_cancel_frees_slot_and_bad_prompts_raise(engine):
+  p = _prompts(6, [7])[0]
+  r = engine.submit(p, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+  engine.step()
+  engine.step()
+  assert engine.num_active() == 1
+  engine.cancel(r)
+  engine.step()
+  assert r.finish_reason == "abort" and engine.num_active() == 0
+  with pytest.raises(ValueError, match="context holds 128"):
+    engine.submit([1] * MAX_LEN)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    engine.submit([1, 999])
+  with pytest.raises(ValueError, match="temperature"):
+    engine.submit([1], SamplingParams(temperature=-1.0))
+
+
+def test_cla_halves_the_cache():
+  cfg = ModelConfig.from_pretrained("tiny")
+  full = cache_bytes(init_cache(cfg, 4, 256))
+  cla = cache_bytes(init_cache(cfg.replace(cla_share_factor=2), 4, 256))
+  assert cla * 2 == full
+  # 4 layers x (K, V) x 4 slots x 256 rows x 2 kv heads x 32 dims x 2 bytes
+  assert full == 4 * 2 * 4 * 256 * cfg.num_kv_heads * cfg.head_dim * 2
+
+
+def test_generation_config_defaults(tmp_path):
+  (tmp_path / "generation_config.json").write_text(json.dumps(
+      {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "eos_token_id": [1, 2]}))
+  assert generation_defaults(str(tmp_path)) == {"temperature": 0.7, "top_k": 20, "top_p": 0.8,
+                                                "repetition_penalty": 1.05}
+  assert generation_defaults(None) == {}
