@@ -85,6 +85,7 @@ def test_reference_matches_oracle(case, dtype):
 
 @pytest.mark.parametrize("case", CASES[:3])
 def test_tpu_kernel_interpret(case):
+  pytest.importorskip("kernels_pallas.gmm.tpu", reason="TPU gmm kernel not written yet (issue 3)")
   check_backend("tpu_interpret", case, jnp.float32, seed=7 + case[0])
 
 
