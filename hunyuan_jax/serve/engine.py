@@ -182,10 +182,24 @@ class Engine:
     """The server's engine thread."""
     while not stop.is_set():
       if self.has_work():
-        self.step()
+        try:
+          self.step()
+        except Exception:  # a bug must not hang every client: end the live requests, keep serving
+          import traceback
+          traceback.print_exc()
+          self._abort_all()
       else:
         self._wake.wait(0.05)
         self._wake.clear()
+
+  def _abort_all(self):
+    self._pending = []
+    for i, r in enumerate(self.slots):
+      if r is not None:
+        if not r.done:
+          self._finish(r, "abort")
+        self.slots[i] = None
+    self._sp_host = [None] * self.max_slots
 
   # ---------------------------------------------------------------- scheduling
   def step(self) -> None:

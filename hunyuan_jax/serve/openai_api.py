@@ -1,0 +1,164 @@
+"""OpenAI request validation and response shapes (no HTTP here; see server.py).
+
+Every problem a client can cause becomes an `APIError` with OpenAI's error body
+{"error": {"message", "type", "param", "code"}} and the matching 4xx status.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any, Optional
+
+from hunyuan_jax.serve.sampling import SamplingParams
+
+
+class APIError(Exception):
+  def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+               type_: Optional[str] = None):
+    super().__init__(message)
+    self.status, self.message, self.param, self.code = status, message, param, code
+    self.type = type_ or {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_UNSUPPORTED = {"logprobs": (False, None), "top_logprobs": (None, 0), "n": (None, 1), "best_of": (None, 1),
+                "echo": (False, None), "suffix": (None, ""), "logit_bias": (None, {})}
+
+
+def _number(body: dict, name: str, kind=float):
+  v = body.get(name)
+  if v is None:
+    return None
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+  if kind is int:
+    ok = ok and float(v).is_integer()
+  if not ok:
+    raise APIError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {v!r}", name)
+  return kind(v)
+
+
+def sampling_from_body(body: dict, defaults: dict, prompt_len: int, max_len: int) -> SamplingParams:
+  """Request fields over the model's generation_config defaults -> validated SamplingParams."""
+  for name, allowed in _UNSUPPORTED.items():
+    if name in body and body[name] not in allowed:
+      raise APIError(400, f"'{name}'={body[name]!r} is not supported by this server; leave it out", name)
+  kw: dict[str, Any] = dict(defaults)
+  for name in _FLOATS:
+    v = _number(body, name)
+    if v is not None:
+      kw[name] = v
+  for name in ("top_k", "seed"):
+    v = _number(body, name, int)
+    if v is not None:
+      kw[name] = v
+  if kw.get("top_k") == -1:
+    kw["top_k"] = 0
+  room = max_len - prompt_len
+  if prompt_len >= max_len:
+    raise APIError(400, f"This model's maximum context length is {max_len} tokens, but the prompt has "
+                   f"{prompt_len} tokens; shorten the messages or the prompt", "messages", "context_length_exceeded")
+  max_tokens = _number(body, "max_completion_tokens", int)
+  name = "max_completion_tokens"
+  if max_tokens is None:
+    max_tokens, name = _number(body, "max_tokens", int), "max_tokens"
+  if max_tokens is not None:
+    if max_tokens < 1:
+      raise APIError(400, f"'{name}' must be at least 1, got {max_tokens}", name)
+    if max_tokens > room:
+      raise APIError(400, f"This model's maximum context length is {max_len} tokens; the prompt has "
+                     f"{prompt_len} and '{name}' asks for {max_tokens} more. Lower '{name}' to {room} or less",
+                     name, "context_length_exceeded")
+  kw["max_tokens"] = max_tokens or room
+  stop = body.get("stop")
+  if stop is not None:
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+      raise APIError(400, "'stop' must be a non-empty string or a list of them", "stop")
+    kw["stop"] = stop
+  ids = body.get("stop_token_ids")
+  if ids is not None:
+    if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+      raise APIError(400, "'stop_token_ids' must be a list of integers", "stop_token_ids")
+    kw["stop_token_ids"] = ids
+  if body.get("ignore_eos") is not None:
+    kw["ignore_eos"] = bool(body["ignore_eos"])
+  params = SamplingParams(**kw)
+  try:
+    params.validate()
+  except ValueError as e:
+    raise APIError(400, str(e), str(e).split("=")[0]) from None
+  return params
+
+
+def new_id(prefix: str) -> str:
+  return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclasses.dataclass
+class ChunkMaker:
+  """Builds the chunk / response dicts of one request (same id and timestamp throughout)."""
+  model: str
+  chat: bool
+  id: str = ""
+  created: int = 0
+
+  def __post_init__(self):
+    self.id = self.id or new_id("chatcmpl" if self.chat else "cmpl")
+    self.created = self.created or int(time.time())
+
+  def chunk(self, delta: Optional[dict] = None, finish_reason: Optional[str] = None,
+            usage_: Optional[dict] = None) -> dict:
+    out = {"id": self.id, "created": self.created, "model": self.model,
+           "object": "chat.completion.chunk" if self.chat else "text_completion"}
+    if usage_ is not None:
+      out.update(choices=[], usage=usage_)
+    elif self.chat:
+      out["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
+    else:
+      out["choices"] = [{"index": 0, "text": (delta or {}).get("content", ""), "logprobs": None,
+                         "finish_reason": finish_reason}]
+    return out
+
+  def response(self, message_or_text: Any, finish_reason: str, usage_: dict) -> dict:
+    if self.chat:
+      choice = {"index": 0, "message": message_or_text, "logprobs": None, "finish_reason": finish_reason}
+    else:
+      choice = {"index": 0, "text": message_or_text, "logprobs": None, "finish_reason": finish_reason}
+    return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created, "model": self.model, "choices": [choice], "usage": usage_}
+
+
+def chat_delta(d: dict) -> dict:
+  """A StreamParser delta -> an OpenAI delta; reasoning goes out under both of vLLM's names."""
+  if "reasoning" in d:
+    return {"reasoning_content": d["reasoning"], "reasoning": d["reasoning"]}
+  return {"content": d["content"]}
+
+
+def tool_call_delta(index: int, call: dict) -> dict:
+  return {"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                          "function": {"name": call["function"]["name"],
+                                       "arguments": call["function"]["arguments"]}}]}
+
+
+def chat_message(reasoning: Optional[str], content: str, tool_calls: list) -> dict:
+  msg: dict[str, Any] = {"role": "assistant", "content": content if (content or not tool_calls) else None,
+                         "reasoning_content": reasoning, "reasoning": reasoning}
+  if tool_calls:
+    msg["tool_calls"] = tool_calls
+  return msg
+
+
+def finish_reason(engine_reason: str, tool_calls: list) -> str:
+  if tool_calls and engine_reason == "stop":
+    return "tool_calls"
+  return {"abort": "stop"}.get(engine_reason, engine_reason)

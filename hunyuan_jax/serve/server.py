@@ -1,0 +1,295 @@
+"""OpenAI-compatible HTTP server on the standard library (ThreadingHTTPServer; no fastapi needed).
+
+    client threads (one per connection)            engine thread
+    parse + validate -> render chat -> encode  ->  Engine.submit ... step() ... Request.events
+    read Request.events (per-request queue)    <-  Delta(token ids, text, finish_reason)
+    -> StreamParser -> SSE chunks / one JSON
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
+A client that goes away (write fails, or its socket reads EOF while we wait) has its request
+cancelled, which frees the slot at the engine's next step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+
+from hunyuan_jax.chat import StreamParser, opens_reasoning, parse_output, render_chat
+from hunyuan_jax.serve import openai_api as oa
+from hunyuan_jax.serve.openai_api import APIError
+
+MAX_BODY = 64 << 20
+CHAT_KWARGS = {"enable_thinking": bool, "reasoning_effort": str}
+
+
+@dataclasses.dataclass
+class ServeContext:
+  engine: Any                      # hunyuan_jax.serve.engine.Engine (or anything with submit/cancel/max_len)
+  tokenizer: Any
+  model_name: str
+  family: str                      # chat family for render_chat / StreamParser
+  defaults: dict = dataclasses.field(default_factory=dict)        # generation_config sampling defaults
+  chat_defaults: dict = dataclasses.field(default_factory=dict)   # default chat_template_kwargs
+  api_key: Optional[str] = None
+  quiet: bool = False
+
+
+class ClientGone(Exception):
+  pass
+
+
+class Handler(BaseHTTPRequestHandler):
+  protocol_version = "HTTP/1.1"
+  ctx: ServeContext  # set by make_server on a subclass
+
+  # ------------------------------------------------------------------ plumbing
+  def log_message(self, fmt, *args):
+    if not self.ctx.quiet:
+      sys.stderr.write("serve: %s %s\n" % (self.address_string(), fmt % args))
+
+  def _send_json(self, status: int, obj: dict):
+    data = json.dumps(obj, ensure_ascii=False).encode()
+    self.send_response(status)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    self.wfile.write(data)
+
+  def _guard(self, fn):
+    try:
+      fn()
+    except APIError as e:
+      self._send_json(e.status, e.body())
+    except (BrokenPipeError, ConnectionResetError, ClientGone):
+      self.close_connection = True
+    except Exception as e:  # a bug: report it as a 500, keep serving
+      traceback.print_exc()
+      self._send_json(500, APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").body())
+
+  def _check_auth(self):
+    key = self.ctx.api_key
+    if key and self.headers.get("Authorization", "") != f"Bearer {key}":
+      raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+  def _body(self) -> dict:
+    n = self.headers.get("Content-Length")
+    if n is None or not n.isdigit():
+      raise APIError(411, "send a Content-Length header with the JSON body")
+    if int(n) > MAX_BODY:
+      raise APIError(413, f"request body of {n} bytes is over the {MAX_BODY} byte limit")
+    raw = self.rfile.read(int(n))
+    try:
+      body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+      raise APIError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != self.ctx.model_name:
+      raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.ctx.model_name}'",
+                     "model", "model_not_found")
+    return body
+
+  def do_GET(self):
+    def run():
+      path = self.path.split("?")[0]
+      if path == "/health":
+        return self._send_json(200, {"status": "ok", "active": self.ctx.engine.num_active()})
+      self._check_auth()
+      if path == "/v1/models":
+        return self._send_json(200, {"object": "list", "data": [
+            {"id": self.ctx.model_name, "object": "model", "created": 0, "owned_by": "hunyuan-jax",
+             "max_model_len": self.ctx.engine.max_len}]})
+      raise APIError(404, f"no route GET {path}")
+    self._guard(run)
+
+  def do_POST(self):
+    def run():
+      path = self.path.split("?")[0]
+      self._check_auth()
+      if path not in ("/v1/chat/completions", "/v1/completions"):
+        raise APIError(404, f"no route POST {path}")
+      self._complete(self._body(), chat=path == "/v1/chat/completions")
+    self._guard(run)
+
+  # ------------------------------------------------------------------ requests
+  def _chat_prompt(self, body: dict):
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+      raise APIError(400, "'messages' is required: a non-empty list of {role, content}", "messages")
+    kw = dict(self.ctx.chat_defaults)
+    extra = body.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+      raise APIError(400, "'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    if body.get("reasoning_effort") is not None:
+      extra = {"reasoning_effort": body["reasoning_effort"], **extra}
+    for k, v in extra.items():
+      if k not in CHAT_KWARGS or not isinstance(v, CHAT_KWARGS[k]):
+        raise APIError(400, f"chat_template_kwargs {k}={v!r} is not supported; use "
+                       "enable_thinking (bool) or reasoning_effort (str)", "chat_template_kwargs")
+      kw[k] = v
+    tools = body.get("tools") or None
+    choice = body.get("tool_choice", "auto")
+    if tools is not None and not isinstance(tools, list):
+      raise APIError(400, "'tools' must be a list of {type: function, function: {...}}", "tools")
+    if choice not in ("auto", "none", None):
+      raise APIError(400, f"tool_choice={choice!r} is not supported (no constrained decoding); use 'auto' or 'none'",
+                     "tool_choice")
+    if choice == "none":
+      tools = None
+    try:
+      prompt = render_chat(messages, self.ctx.family, tools=tools, **kw)
+    except ValueError as e:
+      raise APIError(400, str(e), "messages") from None
+    return prompt, tools
+
+  def _complete(self, body: dict, chat: bool):
+    ctx = self.ctx
+    tools, in_reasoning = None, False
+    if chat:
+      prompt, tools = self._chat_prompt(body)
+      in_reasoning = opens_reasoning(prompt)
+      ids = ctx.tokenizer.encode(prompt)
+    else:
+      p = body.get("prompt")
+      if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+        p = p[0]
+      if isinstance(p, str) and p:
+        ids = ctx.tokenizer.encode(p)
+      elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        ids = p
+      else:
+        raise APIError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
+                       "prompt")
+    params = oa.sampling_from_body(body, ctx.defaults, len(ids), ctx.engine.max_len)
+    try:
+      req = ctx.engine.submit(ids, params)
+    except ValueError as e:
+      raise APIError(400, str(e), "messages" if chat else "prompt") from None
+    maker = oa.ChunkMaker(ctx.model_name, chat)
+    try:
+      if body.get("stream"):
+        opts = body.get("stream_options") or {}
+        self._stream(req, maker, chat, tools, in_reasoning, bool(opts.get("include_usage")), len(ids))
+      else:
+        self._respond(req, maker, chat, tools, in_reasoning, len(ids))
+    finally:
+      if not req.done:
+        ctx.engine.cancel(req)
+
+  def _client_gone(self) -> bool:
+    try:
+      r, _, _ = select.select([self.connection], [], [], 0)
+      return bool(r) and self.connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+      return True
+
+  def _events(self, req):
+    while True:
+      try:
+        d = req.events.get(timeout=0.2)
+      except queue.Empty:
+        if self._client_gone():
+          raise ClientGone() from None
+        continue
+      yield d
+      if d.finish_reason:
+        return
+
+  def _respond(self, req, maker, chat, tools, in_reasoning, n_prompt):
+    for _ in self._events(req):
+      pass
+    use = oa.usage(n_prompt, len(req.output_ids))
+    if not chat:
+      return self._send_json(200, maker.response(req.text, oa.finish_reason(req.finish_reason, []), use))
+    out = parse_output(req.text, self.ctx.family, tools_enabled=bool(tools), in_reasoning=in_reasoning, tools=tools)
+    msg = oa.chat_message(out.reasoning, out.content, out.tool_calls)
+    self._send_json(200, maker.response(msg, oa.finish_reason(req.finish_reason, out.tool_calls), use))
+
+  def _sse(self, obj):
+    self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode())
+                     + b"\n\n")
+    self.wfile.flush()
+
+  def _stream(self, req, maker, chat, tools, in_reasoning, include_usage, n_prompt):
+    self.send_response(200)
+    self.send_header("Content-Type", "text/event-stream")
+    self.send_header("Cache-Control", "no-cache")
+    self.send_header("Connection", "close")
+    self.end_headers()
+    self.close_connection = True
+    parser = StreamParser(self.ctx.family, bool(tools), in_reasoning=in_reasoning, tools=tools) if chat else None
+    sent_calls = 0
+    if chat:
+      self._sse(maker.chunk({"role": "assistant", "content": ""}))
+    for d in self._events(req):
+      if not chat:
+        if d.text or d.finish_reason:
+          self._sse(maker.chunk({"content": d.text}, oa.finish_reason(d.finish_reason, []) if d.finish_reason else None))
+        continue
+      deltas = parser.push(d.text)
+      calls = parser.tool_calls
+      if d.finish_reason:
+        tail, calls = parser.finish()
+        deltas += tail
+      for x in deltas:
+        self._sse(maker.chunk(oa.chat_delta(x)))
+      for k in range(sent_calls, len(calls)):
+        self._sse(maker.chunk(oa.tool_call_delta(k, calls[k])))
+      sent_calls = len(calls)
+      if d.finish_reason:
+        self._sse(maker.chunk({}, oa.finish_reason(d.finish_reason, calls)))
+    if include_usage:
+      self._sse(maker.chunk(usage_=oa.usage(n_prompt, len(req.output_ids))))
+    self._sse(b"[DONE]")
+
+
+class Server:
+  """The HTTP server plus the engine thread; `start()` for tests, `serve_forever()` for the CLI."""
+
+  def __init__(self, ctx: ServeContext, host: str = "127.0.0.1", port: int = 8000, run_engine: bool = True):
+    handler = type("BoundHandler", (Handler,), {"ctx": ctx})
+    self.ctx = ctx
+    self.httpd = ThreadingHTTPServer((host, port), handler)
+    self.httpd.daemon_threads = True
+    self._stop = threading.Event()
+    self._threads = []
+    if run_engine:
+      self._threads.append(threading.Thread(target=ctx.engine.run_forever, args=(self._stop,), daemon=True,
+                                            name="engine"))
+
+  @property
+  def url(self) -> str:
+    host, port = self.httpd.server_address[:2]
+    return f"http://{host}:{port}"
+
+  def start(self) -> "Server":
+    self._threads.append(threading.Thread(target=self.httpd.serve_forever, daemon=True, name="http"))
+    for t in self._threads:
+      t.start()
+    return self
+
+  def serve_forever(self) -> None:
+    for t in self._threads:
+      t.start()
+    try:
+      self.httpd.serve_forever()
+    finally:
+      self.shutdown()
+
+  def shutdown(self) -> None:
+    self._stop.set()
+    self.httpd.shutdown()
+    self.httpd.server_close()
+    deadline = time.time() + 5
+    for t in self._threads:
+      t.join(max(0.0, deadline - time.time()))
