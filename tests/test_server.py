@@ -1,0 +1,258 @@
+"""End to end with the official `openai` client against a running server.
+
+Two servers: the tiny random model behind the real engine (batching, usage, errors, disconnects,
+API key), and a scripted engine that replays fixed model text in ragged pieces (reasoning and
+tool calls, which a random model never writes). Both bind 127.0.0.1 on a free port.
+"""
+import http.client
+import json
+import socket
+import threading
+import time
+
+import jax
+import openai
+import pytest
+
+from hunyuan_jax.chat import render_chat
+from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.model import init_params
+from hunyuan_jax.serve.engine import Delta, Engine, Request
+from hunyuan_jax.serve.sampling import SamplingParams
+from hunyuan_jax.serve.server import ServeContext, Server
+from hunyuan_jax.tokenizer import ByteTokenizer
+
+MAX_LEN = 64
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def real():
+  cfg = ModelConfig.from_pretrained("tiny").replace(dtype="float32", param_dtype="float32")
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(1))
+  tok = ByteTokenizer()
+  engine = Engine(cfg, params, max_slots=4, max_len=MAX_LEN, prefill_chunk=16, kv_block=MAX_LEN, tokenizer=tok)
+  submitted = []
+  submit = engine.submit
+  engine.submit = lambda *a, **k: submitted.append(submit(*a, **k)) or submitted[-1]
+  srv = Server(ServeContext(engine, tok, "tiny", "tiny", quiet=True), port=0).start()
+  yield srv, openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0), submitted
+  srv.shutdown()
+
+
+def _chat(client, stream=False, **kw):
+  args = dict(model="tiny", messages=USER, max_tokens=12, temperature=0.0, extra_body={"ignore_eos": True})
+  args.update(kw)
+  if not stream:
+    return client.chat.completions.create(**args)
+  return list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+
+
+def _joined(chunks, field):
+  return "".join(getattr(c.choices[0].delta, field, None) or "" for c in chunks if c.choices)
+
+
+def test_models_health_and_default_bind(real):
+  srv, client, _ = real
+  assert [m.id for m in client.models.list().data] == ["tiny"]
+  assert srv.httpd.server_address[0] == "127.0.0.1"
+  status, body = _raw(srv, "GET", "/health")
+  assert status == 200 and body["status"] == "ok"
+
+
+def test_stream_equals_non_stream_with_usage(real):
+  _, client, _ = real
+  full = _chat(client)
+  chunks = _chat(client, stream=True)
+  prompt_tokens = len(ByteTokenizer().encode(render_chat(USER, "tiny")))
+  assert full.usage.prompt_tokens == prompt_tokens and full.usage.completion_tokens == 12
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+  assert chunks[-1].usage.prompt_tokens == prompt_tokens
+  assert _joined(chunks, "content") == full.choices[0].message.content
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason == "length"
+  # legacy completions: same text both ways
+  comp = client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=0.0)
+  streamed = client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=0.0, stream=True)
+  assert "".join(c.choices[0].text for c in streamed) == comp.choices[0].text
+
+
+def test_concurrent_requests_batch_and_match_alone(real):
+  _, client, _ = real
+  prompts = [[{"role": "user", "content": "x" * n}] for n in (1, 9, 17, 30, 5)]
+  alone = [_chat(client, messages=m).choices[0].message.content for m in prompts]
+  got = [None] * len(prompts)
+
+  def go(i):
+    got[i] = _chat(client, messages=prompts[i]).choices[0].message.content
+  threads = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(120)
+  assert got == alone
+
+
+def _raw(srv, method, path, body=None, headers=None):
+  host, port = srv.httpd.server_address[:2]
+  conn = http.client.HTTPConnection(host, port, timeout=60)
+  data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+  conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+  resp = conn.getresponse()
+  out = resp.status, json.loads(resp.read())
+  conn.close()
+  return out
+
+
+BAD = [
+    (b"{not json", 400, None, None),
+    ({"model": "gpt-9", "messages": USER}, 404, "model", "model_not_found"),
+    ({"model": "tiny"}, 400, "messages", None),
+    ({"messages": []}, 400, "messages", None),
+    ({"messages": [{"role": "user", "content": "x" * 200}]}, 400, "messages", "context_length_exceeded"),
+    ({"messages": USER, "max_tokens": 500}, 400, "max_tokens", "context_length_exceeded"),
+    ({"messages": USER, "max_tokens": -3}, 400, "max_tokens", None),
+    ({"messages": USER, "temperature": -1}, 400, "temperature", None),
+    ({"messages": USER, "temperature": "hot"}, 400, "temperature", None),
+    ({"messages": USER, "top_p": 5}, 400, "top_p", None),
+    ({"messages": USER, "presence_penalty": 9}, 400, "presence_penalty", None),
+    ({"messages": USER, "n": 2}, 400, "n", None),
+    ({"messages": USER, "tool_choice": "required", "tools": []}, 400, "tool_choice", None),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", None),
+    ({"messages": USER, "chat_template_kwargs": {"enable_thinking": "yes"}}, 400, "chat_template_kwargs", None),
+]
+
+
+@pytest.mark.parametrize("body,status,param,code", BAD, ids=[f"{s}-{p}-{i}" for i, (_, s, p, _) in enumerate(BAD)])
+def test_bad_input_gets_error_json_and_server_keeps_serving(real, body, status, param, code):
+  srv, client, _ = real
+  got_status, got = _raw(srv, "POST", "/v1/chat/completions", body)
+  assert got_status == status, got
+  err = got["error"]
+  assert set(err) == {"message", "type", "param", "code"} and err["message"]
+  assert err["param"] == param and err["code"] == code
+  assert _chat(client, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_openai_client_raises_typed_errors(real):
+  _, client, _ = real
+  with pytest.raises(openai.BadRequestError, match="temperature"):
+    _chat(client, temperature=-0.5)
+  with pytest.raises(openai.NotFoundError):
+    _chat(client, model="nope")
+  assert _raw(real[0], "POST", "/v1/nowhere", {})[0] == 404
+
+
+def test_client_disconnect_mid_stream_frees_slot(real):
+  srv, client, submitted = real
+  body = json.dumps({"messages": USER, "max_tokens": 55, "temperature": 0.0, "ignore_eos": True,
+                     "stream": True}).encode()
+  sock = socket.create_connection(srv.httpd.server_address[:2], timeout=60)
+  sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body) + body)
+  assert sock.recv(64).startswith(b"HTTP/1.1 200")   # the stream has started
+  sock.close()
+  req = submitted[-1]
+  deadline = time.time() + 60
+  while not req.done and time.time() < deadline:
+    time.sleep(0.05)
+  assert req.finish_reason == "abort" and len(req.output_ids) < 55
+  while srv.ctx.engine.num_active() and time.time() < deadline:
+    time.sleep(0.05)
+  assert srv.ctx.engine.num_active() == 0
+  assert _chat(client, max_tokens=3).usage.completion_tokens == 3
+
+
+def test_api_key(real):
+  srv, _, _ = real
+  keyed = Server(ServeContext(srv.ctx.engine, srv.ctx.tokenizer, "tiny", "tiny", api_key="sekret", quiet=True),
+                 port=0, run_engine=False).start()
+  try:
+    status, body = _raw(keyed, "POST", "/v1/chat/completions", {"messages": USER})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    bad = openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+      bad.models.list()
+    good = openai.OpenAI(base_url=keyed.url + "/v1", api_key="sekret", max_retries=0)
+    assert _chat(good, max_tokens=2).usage.completion_tokens == 2
+  finally:
+    keyed.shutdown()
+
+
+# ------------------------------------------------------------------ scripted model text
+class ScriptedEngine:
+  """Replays `script` as ragged text deltas (1-4 chars) for every request; records prompts."""
+  max_len = 4096
+
+  def __init__(self, script):
+    self.script, self.prompts = script, []
+
+  def submit(self, ids, params: SamplingParams):
+    self.prompts.append(list(ids))
+    req = Request(list(ids), params)
+    pieces, i, k = [], 0, 0
+    while i < len(self.script):
+      n = 1 + (k % 4)
+      pieces.append(self.script[i:i + n])
+      i, k = i + n, k + 1
+    for j, p in enumerate(pieces):
+      req.output_ids.append(j)
+      req.text += p
+      req.events.put(Delta([j], p, "stop" if j == len(pieces) - 1 else None))
+    req.finish_reason = "stop"
+    return req
+
+  def cancel(self, req):
+    pass
+
+  def num_active(self):
+    return 0
+
+
+@pytest.fixture()
+def scripted():
+  servers = []
+
+  def make(script):
+    eng = ScriptedEngine(script)
+    srv = Server(ServeContext(eng, ByteTokenizer(), "tiny", "tiny", quiet=True), port=0, run_engine=False).start()
+    servers.append(srv)
+    return eng, openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+  yield make
+  for s in servers:
+    s.shutdown()
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_reasoning_split_same_in_stream_and_not(scripted):
+  eng, client = scripted("<think>\nLet me think.\n</think>\n<answer>\nHello there!\n</answer>")
+  full = _chat(client).choices[0].message
+  assert full.content == "Hello there!" and full.reasoning_content == "Let me think."
+  assert full.model_extra["reasoning"] == "Let me think."
+  chunks = _chat(client, stream=True)
+  assert _joined(chunks, "content") == full.content
+  assert "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices) == \
+      full.reasoning_content
+  # enable_thinking=False reaches the template (A13B appends an empty think block)
+  _chat(client, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+  assert ByteTokenizer().decode(eng.prompts[-1]).endswith("<think>\n\n</think>\n")
+
+
+def test_tool_calls_stream_and_non_stream(scripted):
+  _, client = scripted('<think>\nNeed weather.\n</think>\n<answer>\n<tool_calls>[{"name": "get_weather", '
+                       '"arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]'
+                       '</tool_calls>\n</answer>')
+  full = _chat(client, tools=TOOLS).choices[0]
+  assert full.finish_reason == "tool_calls"
+  calls = [(c.function.name, json.loads(c.function.arguments)) for c in full.message.tool_calls]
+  assert calls == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+  chunks = _chat(client, stream=True, tools=TOOLS)
+  deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+  assert [d.index for d in deltas] == [0, 1]
+  assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == calls
+  assert [d.id for d in deltas] == [c.id for c in full.message.tool_calls]
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+  assert _joined(chunks, "content") == (full.message.content or "")
