@@ -81,7 +81,7 @@ def test_expert_bias_only_changes_selection():
   np.testing.assert_allclose(forward(params=same_order, tokens_bt=tokens, positions_bt=pos, cfg=cfg).logits,
                              base, rtol=1e-6, atol=1e-6)
   skewed = jax.tree.map(lambda x: x, params)
-  skewed["groups_1"]["layer_0"]["moe"]["expert_bias"] = bias.at[0].add(10.0)  # forces expert 0 in
+  skewed["groups_1"]["layer_0"]["moe"]["expert_bias"] = bias.at[:, 0].add(10.0)  # [layers, E]: forces expert 0 in
   assert float(jnp.max(jnp.abs(forward(skewed, tokens, pos, cfg=cfg).logits - base))) > 1e-4
 
 
