@@ -57,6 +57,7 @@ class ModelConfig:
   router_bias: bool = False              # Hy3 selection-only expert_bias
   moe_fp32_combine: bool = False         # Hy3 adds routed + shared in fp32
   moe_capacity_factor: float = 0.0       # 0 = dropless; >0 = Tencent remote-code token dropping (spec 2.7)
+  moe_expert_recycling: bool = False     # with a capacity: re-route over-capacity assignments (Hunyuan-Large)
   num_mtp_layers: int = 0                # Hy3 multi-token-prediction layers
   # Tokens.
   pad_token_id: int = 0
@@ -187,6 +188,8 @@ def _validate(c: ModelConfig) -> None:
     bad("remat_policy", f"{c.remat_policy!r} is not one of none, full, dots, dots_no_batch")
   if c.moe_capacity_factor < 0:
     bad("moe_capacity_factor", "must be >= 0 (0 = dropless)")
+  if c.moe_expert_recycling and c.moe_capacity_factor <= 0:
+    bad("moe_expert_recycling", "re-routes assignments over an expert's capacity; set moe_capacity_factor > 0")
   if c.num_mtp_layers and c.family != "hy3":
     bad("num_mtp_layers", "MTP layers exist only for the hy3 family")
 

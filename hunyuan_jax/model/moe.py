@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 import kernels_pallas as kp
 from hunyuan_jax.config import LayerSpec, ModelConfig
+from hunyuan_jax.model import moe_parallel
 from hunyuan_jax.model.layers import SwiGLU, compute_dtype, param, swiglu
 
 
@@ -34,39 +35,91 @@ def router_spec(cfg: ModelConfig, top_k: int) -> kp.RouterSpec:
                        scale=cfg.router_scale, eps=cfg.router_eps)
 
 
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+  return max(top_k, int(capacity_factor * top_k * num_tokens / num_experts))
+
+
 def capacity_keep_mask(experts_tk: jax.Array, num_experts: int, capacity_factor: float) -> jax.Array:
   """Tencent `topkgating` priority: assignments visited j-major then token, kept while slot < cap.
 
   cap = max(k, floor(capacity_factor * k * T / E)); capacity_factor 1.0 reproduces the reference.
   """
   t, k = experts_tk.shape
-  cap = max(k, int(capacity_factor * k * t / num_experts))
+  cap = expert_capacity(t, k, num_experts, capacity_factor)
   onehot_kte = jax.nn.one_hot(experts_tk.T, num_experts, dtype=jnp.int32)      # [k, T, E]
   slot_kte = jnp.cumsum(onehot_kte.reshape(k * t, num_experts), axis=0).reshape(k, t, num_experts) - 1
   slot_kt = jnp.sum(slot_kte * onehot_kte, axis=-1)
   return (slot_kt < cap).T                                                        # [T, k]
 
 
+def recycle_over_capacity(experts_tk: jax.Array, num_experts: int,
+                          capacity_factor: float) -> tuple[jax.Array, jax.Array]:
+  """Hunyuan-Large expert recycling: over-capacity assignments move to experts with spare slots.
+
+  Overflowing assignments (in the capacity priority order) take the free slots round-robin over
+  experts (every expert's first free slot, then every second, ...), so nothing is dropped while
+  E * cap >= T * k. The report re-routes at random; round-robin is the deterministic version.
+  A moved assignment keeps its gate weight; with top-k > 1 it may land on an expert the token
+  already uses. Returns (experts_tk after recycling, keep_tk).
+  """
+  t, k = experts_tk.shape
+  cap = expert_capacity(t, k, num_experts, capacity_factor)
+  keep_tk = capacity_keep_mask(experts_tk, num_experts, capacity_factor)
+  kept_e = jnp.bincount(jnp.where(keep_tk, experts_tk, num_experts).reshape(-1),
+                        length=num_experts + 1)[:num_experts]
+  spare_e = cap - kept_e
+  free_ce = jnp.arange(cap)[:, None] < spare_e[None, :]                   # slot c of expert e is free
+  slot_order = jnp.argsort(~free_ce.reshape(-1), stable=True)             # free slots first, c-major
+  slot_expert = (slot_order % num_experts).astype(experts_tk.dtype)
+  over_kt = ~keep_tk.T
+  rank_kt = jnp.cumsum(over_kt.reshape(-1)).reshape(k, t) - 1             # overflow index, priority order
+  moved_kt = over_kt & (rank_kt < jnp.sum(free_ce))
+  new_kt = jnp.where(moved_kt, slot_expert[jnp.clip(rank_kt, 0, cap * num_experts - 1)], experts_tk.T)
+  return new_kt.T, keep_tk | moved_kt.T
+
+
+def _local_groups(experts_tk: jax.Array, expert_offset, num_local: int):
+  """Sort order and group sizes for the experts [offset, offset + num_local) held here.
+
+  Assignments to other experts sort last, past sum(group_sizes), where gmm gives 0.
+  """
+  local_m = experts_tk.reshape(-1) - expert_offset
+  key_m = jnp.where((local_m >= 0) & (local_m < num_local), local_m, num_local)
+  sort_idx = jnp.argsort(key_m, stable=True).astype(jnp.int32)
+  group_sizes = jnp.bincount(key_m, length=num_local + 1)[:num_local].astype(jnp.int32)
+  return sort_idx, group_sizes
+
+
 def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array],
             wi_edkf: jax.Array, wo_efd: jax.Array, *, cfg: ModelConfig, top_k: int,
-            dtype) -> tuple[jax.Array, MoEStats]:
-  """Routed experts only (no shared expert): returns y [T, H] in fp32 and router stats."""
+            dtype, expert_offset=0) -> tuple[jax.Array, MoEStats]:
+  """Routed experts only (no shared expert): returns y [T, H] in fp32 and router stats.
+
+  wi/wo may hold a slice of the experts, [expert_offset, expert_offset + E_local) of the router's
+  E (expert parallelism, see moe_parallel.py); assignments to other experts then contribute 0.
+  """
   t, d = x_td.shape
-  e, _, _, f = wi_edkf.shape
+  e = w_router_de.shape[1]
+  e_local, _, _, f = wi_edkf.shape
   r = kp.route(x_td, w_router_de, bias_e, router_spec(cfg, top_k))
-  weights_tk = r.weights_tk
+  weights_tk, experts_tk = r.weights_tk, r.experts_tk
   group_sizes, sort_idx = r.group_sizes_e, r.sort_idx_m
   dropped = jnp.zeros((), jnp.float32)
   if cfg.moe_capacity_factor > 0:
-    keep_tk = capacity_keep_mask(r.experts_tk, e, cfg.moe_capacity_factor)
+    if cfg.moe_expert_recycling:
+      experts_tk, keep_tk = recycle_over_capacity(experts_tk, e, cfg.moe_capacity_factor)
+    else:
+      keep_tk = capacity_keep_mask(experts_tk, e, cfg.moe_capacity_factor)
     weights_tk = jnp.where(keep_tk, weights_tk, 0.0)
     dropped = 1.0 - jnp.mean(keep_tk.astype(jnp.float32))
+  if e_local != e or cfg.moe_expert_recycling:
+    sort_idx, group_sizes = _local_groups(experts_tk, expert_offset, e_local)
   # Weights follow the reference's dtype path: the remote code and transformers cast them to the
   # activation dtype before the combine; Hy3 keeps its fp32 combine.
   if not cfg.moe_fp32_combine:
     weights_tk = weights_tk.astype(dtype).astype(jnp.float32)
   x_sorted_md = jnp.take(x_td.astype(dtype), sort_idx // top_k, axis=0)
-  h_mf2 = kp.gmm(x_sorted_md, wi_edkf.astype(dtype).reshape(e, d, 2 * f), group_sizes)
+  h_mf2 = kp.gmm(x_sorted_md, wi_edkf.astype(dtype).reshape(e_local, d, 2 * f), group_sizes)
   act_mf = swiglu(h_mf2.reshape(-1, 2, f))
   y_sorted_md = kp.gmm(act_mf, wo_efd.astype(dtype), group_sizes)
   inverse = jnp.argsort(sort_idx)
@@ -92,9 +145,14 @@ class MoE(nn.Module):
     wi = param(self, "wi", (e, h, 2, f), ("experts", "embed", None, "mlp"), pdt, fan_in=h)
     wo = param(self, "wo", (e, f, h), ("experts", "mlp", "embed"), pdt, fan_in=f)
     b, s, _ = x_btd.shape
-    y_td, stats = moe_ffn(x_btd.reshape(b * s, h), w_router, bias, wi, wo, cfg=cfg,
-                          top_k=spec.top_k, dtype=dt)
-    y = y_td.reshape(b, s, h)
+    mesh = moe_parallel.active_mesh()
+    if mesh is not None:  # a train/serve step traced under moe_parallel.use_mesh: per-shard dispatch
+      y, stats = moe_parallel.moe_ffn_sharded(x_btd, w_router, bias, wi, wo, mesh=mesh, cfg=cfg,
+                                               top_k=spec.top_k, dtype=dt)
+    else:
+      y_td, stats = moe_ffn(x_btd.reshape(b * s, h), w_router, bias, wi, wo, cfg=cfg,
+                            top_k=spec.top_k, dtype=dt)
+      y = y_td.reshape(b, s, h)
     if spec.shared_size:
       shared = SwiGLU(cfg, spec.shared_size, name="shared")(x_btd)
       if cfg.moe_fp32_combine:

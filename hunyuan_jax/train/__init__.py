@@ -1,0 +1,1 @@
+"""Training: absl entry point (`python -m hunyuan_jax.train`), step, optimizer, data, checkpoints."""
