@@ -106,3 +106,13 @@ def write_remote_code_config(hub_dir: str, out_dir: str) -> str:
     if name.endswith(".safetensors") or name.endswith(".index.json"):
       os.symlink(os.path.join(hub_dir, name), os.path.join(out_dir, name))
   return out_dir
+
+
+def build_dense(seed: int = 0):
+  """HunYuan v1 dense: A13B attention (QK-norm after RoPE, alpha RoPE) with SwiGLU everywhere."""
+  from transformers.models.hunyuan_v1_dense import HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM
+  torch.manual_seed(seed)
+  kw = {k: v for k, v in A13B_KW.items() if k not in ("num_experts", "moe_topk")}
+  model = HunYuanDenseV1ForCausalLM(HunYuanDenseV1Config(**kw)).float().eval()
+  _redraw(model, seed)
+  return model

@@ -177,3 +177,11 @@ def test_greedy_continuation_matches_generate(models, decoded, family):
     ref = models[family].generate(torch.tensor(prompt), max_new_tokens=10, min_new_tokens=10,
                                   do_sample=False, pad_token_id=0)
   np.testing.assert_array_equal(generated, ref[:, prompt.shape[1]:].numpy())
+
+
+def test_dense_v1_fp32_logits_match_transformers(tmp_path, tokens):
+  model = fx.build_dense(seed=3)
+  cfg, params = ours(fx.save_hf(model, str(tmp_path / "dense")))
+  assert cfg.family == "dense" and set(cfg.mlp_layer_types) == {"dense"}
+  got = _logits(params, jnp.asarray(tokens), positions(B, T), cfg)
+  assert rel_l2(got, torch_logits(model, tokens)) <= 1e-5
