@@ -1,0 +1,247 @@
+"""Decode throughput against the HBM roofline (Tencent's setup: input 2048, output up to 14336).
+
+For each batch size the serving Engine (random bf16 weights, full A13B width and expert count,
+as many layers as fit one device next to a batch x (input + output)-token cache) is timed on:
+  * time to first token: one 2048-token prompt, chunked prefill, after a warm-up request;
+  * a real engine run of --output_len tokens for every slot (host loop included): tokens/s;
+  * the engine's jitted decode step alone at context = input_len and = input + output (full
+    cache): step time, and the roofline = (weight bytes read + KV bytes read) / copy bandwidth
+    measured in the same run. Weight bytes count the distinct experts the step's tokens route to.
+Per-layer time = (step - head) / layers, where head = embed + final norm + logits + sampling timed
+alone; the 32-layer figure is head + 32 x per-layer. Tokens/s for the whole 2048 -> 16384 run uses
+the mean of the two step times (step time is linear in KV length).
+
+  python experiments/bench_decode.py                     # GPU, A13B, batches 1/16/32
+  python experiments/bench_decode.py --config=tiny --layers=2 --batches=1,2 --input_len=32 \
+      --output_len=8 --full_output_len=24 --timing_steps=3    # CPU smoke run
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+
+import dataclasses
+import gc
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.model import init_params
+from hunyuan_jax.model.transformer import Transformer
+from hunyuan_jax.serve.engine import Engine, cache_bytes
+from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, sample
+
+flags.DEFINE_string("config", "a13b", "preset")
+flags.DEFINE_integer("layers", 0, "decoder layers (0: as many as fit next to the largest cache)")
+flags.DEFINE_list("batches", ["1", "16", "32"], "batch sizes")
+flags.DEFINE_integer("input_len", 2048, "prompt tokens")
+flags.DEFINE_integer("output_len", 64, "tokens generated per slot in the real engine run")
+flags.DEFINE_integer("full_output_len", 14336, "Tencent's output length: sizes the cache and the long-context step")
+flags.DEFINE_integer("kv_block", 256, "engine kv_block")
+flags.DEFINE_integer("timing_steps", 10, "timed repetitions of the decode step")
+flags.DEFINE_string("json_out", "", "write results here")
+FLAGS = flags.FLAGS
+
+
+def truncate_layers(cfg: ModelConfig, n: int) -> ModelConfig:
+  per_layer = {f.name: getattr(cfg, f.name)[:n] for f in dataclasses.fields(cfg)
+               if isinstance(getattr(cfg, f.name), tuple) and len(getattr(cfg, f.name)) == cfg.num_layers}
+  return cfg.replace(num_layers=n, **per_layer)
+
+
+def copy_bandwidth(nbytes=2 << 30) -> float:
+  """Device copy, bytes read + written per second (the BENCHMARKS.md convention)."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(lambda a: a * 1.0001)
+  f(x).block_until_ready()
+  best = 1e9
+  for _ in range(5):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  del x
+  return 2 * nbytes / best
+
+
+def _bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def layer_weight_bytes(params, cfg, distinct_experts: float) -> tuple[float, float]:
+  """-> (bytes per layer actually read, head bytes: embedding row gather ~0 + logits matrix + norms)."""
+  g = params["groups_0"]
+  n = cfg.num_layers
+  total = _bytes(g) / n
+  moe = g["layer_0"]["moe"]
+  expert_bytes = (moe["wi"].nbytes + moe["wo"].nbytes) / n / cfg.num_experts
+  layer = total - expert_bytes * cfg.num_experts + expert_bytes * distinct_experts
+  head = params["embed"].nbytes if cfg.tie_word_embeddings else params["lm_head"].nbytes
+  return layer, head + params["final_norm"]["scale"].nbytes
+
+
+def distinct_experts(cfg, b) -> float:
+  """Expected distinct experts per layer for b tokens routed uniformly (random weights route ~uniformly):
+  E (1 - (1 - k/E)^b); 8 at batch 1, 56.5 at 16, 63.1 at 32 for A13B."""
+  e, k = cfg.num_experts, cfg.moe_top_k[0]
+  return e * (1 - (1 - k / e) ** b)
+
+
+def time_fn(fn, args_fn, steps):
+  out = fn(*args_fn())
+  jax.block_until_ready(out)
+  ts = []
+  for _ in range(steps):
+    a = args_fn()
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*a))
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts))
+
+
+def head_time(params, cfg, b, steps) -> float:
+  """Embedding, final norm, logits and sampling: the per-step cost outside the layers."""
+  model = Transformer(cfg)
+  sp = SamplingArrays.from_params([SamplingParams(temperature=0.0)] * b, [0] * b, [0] * b)
+
+  def head(p, t):
+    h = model.apply({"params": p}, t, method=Transformer.embed_tokens)
+    h = model.apply({"params": p}, h, method=lambda m, x: m.final_norm(x))
+    logits = model.apply({"params": p}, h, method=Transformer.logits)[:, 0]
+    return sample(logits, sp, jnp.zeros(logits.shape, jnp.int32), jnp.zeros(logits.shape, bool))
+  f = jax.jit(head)
+  toks = jnp.zeros((b, 1), jnp.int32)
+  return time_fn(f, lambda: (params, toks), steps)
+
+
+def decode_step_time(eng: Engine, context: int, steps: int) -> float:
+  """The engine's jitted decode step with every slot at `context` tokens (state donated)."""
+  b = eng.max_slots
+  active = np.ones(b, bool)
+  pos = np.full(b, context - 1, np.int32)
+  kv_len = eng._kv_len(context)
+  sp = SamplingArrays.from_params([SamplingParams(temperature=0.0)] * b, [0] * b, [0] * b)
+
+  eng.state = eng._set_rows(eng.state, active, pos, sp)   # positions then advance by one per step
+
+  def run():
+    _, eng.cache, eng.state = eng._decode(eng.params, eng.cache, eng.state, kv_len=kv_len)
+    return eng.state.tokens_b
+  run()
+  jax.block_until_ready(eng.state)
+  ts = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(run())
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts))
+
+
+def engine_run(eng: Engine, b: int, input_len: int, output_len: int, vocab: int):
+  """TTFT of one prompt (after a warm-up request), then b prompts x output_len tokens through the loop."""
+  rng = np.random.default_rng(0)
+  prompt = lambda: [int(t) for t in rng.integers(0, min(vocab, 30000), input_len)]
+  greedy = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+  eng.generate([prompt()], dataclasses.replace(greedy, max_tokens=2))          # compile prefill + decode
+  r = eng.submit(prompt(), dataclasses.replace(greedy, max_tokens=2))
+  t = time.perf_counter()
+  while not r.output_ids:
+    eng.step()
+  ttft = time.perf_counter() - t
+  while not r.done:
+    eng.step()
+  reqs = [eng.submit(prompt(), greedy) for _ in range(b)]
+  t0 = time.perf_counter()
+  while not all(q.output_ids for q in reqs):
+    eng.step()
+  t_first = time.perf_counter() - t0
+  n0 = sum(len(q.output_ids) for q in reqs)
+  t1 = time.perf_counter()
+  while not all(q.done for q in reqs):
+    eng.step()
+  t_dec = time.perf_counter() - t1
+  n = sum(len(q.output_ids) for q in reqs) - n0
+  return ttft, t_first, n / t_dec
+
+
+def pick_layers(cfg, b_max, max_len) -> int:
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit", 0)
+  if not limit:
+    return 2
+  one = truncate_layers(cfg, 1)
+  shapes = jax.eval_shape(lambda: init_params(one, jax.random.key(0)))
+  per_layer = _bytes(shapes["groups_0"])
+  head = _bytes(shapes) - per_layer
+  cache_layer = 2 * b_max * max_len * cfg.num_kv_heads * cfg.head_dim * 2
+  # the decode step may hold a second copy of the cache (scan outputs); keep 6 GB for activations
+  n = int((limit - head - (6 << 30)) // (per_layer + 2 * cache_layer))
+  return max(1, min(cfg.num_layers, n))
+
+
+def main(_):
+  cfg = ModelConfig.from_pretrained(FLAGS.config)
+  batches = [int(b) for b in FLAGS.batches]
+  max_len = FLAGS.input_len + FLAGS.full_output_len
+  n_layers = FLAGS.layers or pick_layers(cfg, max(batches), max_len)
+  cfg = truncate_layers(cfg, n_layers)
+  dev = jax.devices()[0]
+  print(f"device {dev.device_kind} | jax {jax.__version__} | {FLAGS.config} x {n_layers} layers | "
+        f"input {FLAGS.input_len} output {FLAGS.output_len} (cache {max_len})", flush=True)
+  bw = copy_bandwidth() if dev.platform == "gpu" else copy_bandwidth(64 << 20)
+  print(f"copy bandwidth {bw / 1e12:.3f} TB/s (read + written)", flush=True)
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+  kv_row = cfg.num_kv_layers * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+  full_kv_row = kv_row / n_layers * 32
+  rows = []
+  for b in batches:
+    eng = Engine(cfg, params, max_slots=b, max_len=max_len, prefill_chunk=FLAGS.input_len,
+                 kv_block=FLAGS.kv_block)
+    t_stage = time.perf_counter()
+    ttft, t_first, tok_s_run = engine_run(eng, b, FLAGS.input_len, FLAGS.output_len, cfg.vocab_size)
+    ctx_lo, ctx_hi = FLAGS.input_len + 1, max_len
+    t_lo = decode_step_time(eng, ctx_lo, FLAGS.timing_steps)
+    t_hi = decode_step_time(eng, ctx_hi, FLAGS.timing_steps)
+    t_head = head_time(params, cfg, b, FLAGS.timing_steps)
+    print(f"batch {b}: measured in {time.perf_counter() - t_stage:.0f} s (compiles included)", flush=True)
+    ex = distinct_experts(cfg, b)
+    w_layer, w_head = layer_weight_bytes(params, cfg, ex)
+    row = dict(batch=b, layers=n_layers, cache_gib=cache_bytes(eng.cache) / 2**30, ttft_s=ttft,
+               first_tokens_all_s=t_first, engine_tok_s=tok_s_run, distinct_experts=ex, head_ms=t_head * 1e3)
+    for name, ctx, t in (("lo", ctx_lo, t_lo), ("hi", ctx_hi, t_hi)):
+      kv = b * ctx * kv_row
+      roof = (w_head + n_layers * w_layer + kv) / bw
+      per_layer = (t - t_head) / n_layers
+      t32 = t_head + 32 * per_layer
+      roof32 = (w_head + 32 * w_layer + b * ctx * full_kv_row) / bw
+      row.update({f"step_ms_{name}": t * 1e3, f"roof_ms_{name}": roof * 1e3, f"frac_{name}": roof / t,
+                  f"per_layer_ms_{name}": per_layer * 1e3, f"step32_ms_{name}": t32 * 1e3,
+                  f"frac32_{name}": roof32 / t32, f"ctx_{name}": ctx})
+    mean32 = (row["step32_ms_lo"] + row["step32_ms_hi"]) / 2e3
+    row["tencent_tok_s_32l"] = b / mean32
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    del eng
+    gc.collect()
+  print(f"\n| batch | TTFT {FLAGS.input_len} (s) | engine tok/s ({n_layers}L, ctx {FLAGS.input_len}+{FLAGS.output_len}) "
+        f"| step ms @{FLAGS.input_len + 1} / roofline / frac | step ms @{max_len} / roofline / frac "
+        f"| per-layer ms lo/hi | 32L step ms lo/hi | 32L frac lo/hi | 32L tok/s (2048->16384) |")
+  print("|" + "---|" * 9)
+  for r in rows:
+    print(f"| {r['batch']} | {r['ttft_s']:.3f} | {r['engine_tok_s']:.1f} | {r['step_ms_lo']:.2f} / "
+          f"{r['roof_ms_lo']:.2f} / {r['frac_lo']:.0%} | {r['step_ms_hi']:.2f} / {r['roof_ms_hi']:.2f} / "
+          f"{r['frac_hi']:.0%} | {r['per_layer_ms_lo']:.3f} / {r['per_layer_ms_hi']:.3f} | "
+          f"{r['step32_ms_lo']:.1f} / {r['step32_ms_hi']:.1f} | {r['frac32_lo']:.0%} / {r['frac32_hi']:.0%} | "
+          f"{r['tencent_tok_s_32l']:.1f} |")
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(dict(device=dev.device_kind, jax=jax.__version__, copy_bw=bw, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
