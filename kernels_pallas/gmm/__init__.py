@@ -27,19 +27,12 @@ def _impl(name):
   return None
 
 
-def _auto(x, w, transpose_rhs):
+def _auto(m, k, n, dtype):
+  """A kernel backend only where it tiles the forward and every backward form."""
   plat = _dispatch.platform()
-  if plat == "gpu" and _dispatch.is_hopper():
-    from kernels_pallas.gmm import gpu
-    if gpu.supports(x, w, transpose_rhs=transpose_rhs)[0]:
-      return "gpu"
-  if plat == "tpu":
-    try:
-      from kernels_pallas.gmm import tpu
-    except ImportError:   # TPU kernel not written yet: the reference runs
-      return "reference"
-    if tpu.supports(x, w, transpose_rhs=transpose_rhs)[0]:
-      return "tpu"
+  name = "gpu" if plat == "gpu" and _dispatch.is_hopper() else "tpu" if plat == "tpu" else None
+  if name and _impl(name).supports_all(m, k, n, dtype)[0]:
+    return name
   return "reference"
 
 
@@ -122,7 +115,8 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, back
   out_dtype = jnp.dtype(out_dtype or x_mk.dtype)
   name = _dispatch.requested_backend("gmm", backend)
   if name == "auto":
-    name = _auto(x_mk, w_ekn, transpose_rhs)
+    n_w = w_ekn.shape[1] if transpose_rhs else w_ekn.shape[2]
+    name = _auto(x_mk.shape[0], k_w, n_w, jnp.promote_types(x_mk.dtype, w_ekn.dtype))
   _dispatch.check_known("gmm", name, BACKENDS)
   if x_mk.dtype != w_ekn.dtype:   # kernels take one operand dtype; promote like jnp.dot
     dt = jnp.promote_types(x_mk.dtype, w_ekn.dtype)
@@ -139,9 +133,8 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, backend=None):
   out_dtype = jnp.dtype(out_dtype or x_mk.dtype)
   name = _dispatch.requested_backend("gmm", backend)
   if name == "auto":
-    e = group_sizes_e.shape[0]
-    fake_w = jax.ShapeDtypeStruct((e, x_mk.shape[1], dy_mn.shape[1]), dy_mn.dtype)
-    name = _auto(x_mk, fake_w, False)
+    name = _auto(x_mk.shape[0], x_mk.shape[1], dy_mn.shape[1],
+                 jnp.promote_types(x_mk.dtype, dy_mn.dtype))
   _dispatch.check_known("tgmm", name, BACKENDS)
   if x_mk.dtype != dy_mn.dtype:
     dt = jnp.promote_types(x_mk.dtype, dy_mn.dtype)

@@ -46,20 +46,70 @@ ALIGN = 8   # TMA into 8-row tiled shared memory needs row offsets divisible by 
 TGMM_DEFAULT = Tiling(tile_m=128, tile_n=128, tile_k=64, stages=4, epi_n=64)
 
 
+# N tile of 2 x 64 for N a multiple of 128 but not 256 (e.g. the dx form at K=128). Not yet
+# run on a device: select_tiling only returns it once test_gpu_narrow_and_short_k passes there.
+NARROW = Tiling(tile_m=64, tile_n=64, stages=4)
+NARROW_VERIFIED = False
+_FP16 = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def default_tiling(m):
   return DECODE if m <= 1024 else DEFAULT
 
 
+def _fits(t, m, k, n):
+  if m < t.tile_m:
+    return f"M={m} is under the row tile {t.tile_m}"
+  if k % t.tile_k or n % (2 * t.tile_n):
+    return f"K={k} must divide by {t.tile_k} and N={n} by {2 * t.tile_n}"
+  return ""
+
+
+def select_tiling(m, k, n, dtype):
+  """The gmm tiling for y[m, n] = x[m, k] @ w[k, n] (either w layout), or None.
+
+  Pure Python on shapes, so the choice is testable without a GPU.
+  """
+  if jnp.dtype(dtype) not in _FP16:
+    return None
+  for t in (default_tiling(m),) + ((NARROW,) if NARROW_VERIFIED else ()):
+    if not _fits(t, m, k, n):
+      return t
+  return None
+
+
+def select_tgmm_tiling(m, k, n, dtype):
+  """The tgmm tiling for dw[k, n] = x[m, k]^T @ dy[m, n], or None."""
+  t = TGMM_DEFAULT
+  if jnp.dtype(dtype) not in _FP16 or k % t.tile_m or n % (2 * t.tile_n):
+    return None
+  return t
+
+
+def supports_all(m, k, n, dtype):
+  """Whether gmm at [m, k] x [k, n] and every form its custom_vjp calls have a tiling.
+
+  The backward reuses the forward's backend: dx is the other orientation ([m, n] x
+  [n, k]) and dw a tgmm; auto-dispatch must not pick a backend its backward cannot run.
+  """
+  for name, ok in (("gmm", select_tiling(m, k, n, dtype)), ("dx", select_tiling(m, n, k, dtype)),
+                   ("tgmm", select_tgmm_tiling(m, k, n, dtype)),
+                   ("tgmm^T", select_tgmm_tiling(m, n, k, dtype))):
+    if ok is None:
+      return False, f"no GPU tiling for the {name} form of M={m}, K={k}, N={n}, {dtype}"
+  return True, ""
+
+
 def supports(x, w, *, transpose_rhs=False, tiling=None):
-  t = tiling or default_tiling(x.shape[0])
   m, k = x.shape
   n = w.shape[1] if transpose_rhs else w.shape[2]
-  if m < t.tile_m:
-    return False, f"M={m} is under the row tile {t.tile_m}"
-  if x.dtype not in (jnp.bfloat16, jnp.float16) or w.dtype != x.dtype:
+  if x.dtype not in _FP16 or w.dtype != x.dtype:
     return False, f"dtype {x.dtype}/{w.dtype}: the GPU kernel takes bf16 or f16 operands"
-  if k % t.tile_k or n % (2 * t.tile_n):
-    return False, f"K={k} must divide by {t.tile_k} and N={n} by {2 * t.tile_n}"
+  if tiling is not None:
+    why = _fits(tiling, m, k, n)
+    return not why, why
+  if select_tiling(m, k, n, x.dtype) is None:
+    return False, _fits(default_tiling(m), m, k, n)
   return True, ""
 
 
@@ -85,15 +135,15 @@ def _ladder_store(plgpu, pl, src_smem, dst_gmem, lead, rows, max_rows):
 def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tiling=None,
         interpret=False):
   del interpret
-  pl, plgpu = _compat.mgpu()
   m, k = x_mk.shape
   num_groups = w_ekn.shape[0]
   n = w_ekn.shape[1] if transpose_rhs else w_ekn.shape[2]
   out_dtype = jnp.dtype(out_dtype or x_mk.dtype)
-  t = tiling or default_tiling(m)
-  ok, why = supports(x_mk, w_ekn, transpose_rhs=transpose_rhs, tiling=t)
+  ok, why = supports(x_mk, w_ekn, transpose_rhs=transpose_rhs, tiling=tiling)
   if not ok:
     raise ValueError(f"kernels_pallas.gmm backend='gpu': {why}; use backend='reference'.")
+  t = tiling or select_tiling(m, k, n, x_mk.dtype)
+  pl, plgpu = _compat.mgpu()
   tm, tn, tk = t.tile_m, t.tile_n, t.tile_k
   cta_n = 2 * tn
   sched = group_start_schedule(group_sizes_e, m, tm, zero_tail=True, align=ALIGN)
@@ -222,7 +272,6 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
 def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=False):
   """dw[e] = x_e^T @ dy_e: work item (group, K tile, N tile); pipeline over the group's rows."""
   del interpret
-  pl, plgpu = _compat.mgpu()
   m, k = x_mk.shape
   n = dy_mn.shape[1]
   num_groups = group_sizes_e.shape[0]
@@ -236,6 +285,7 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=F
   if k % tko or n % cta_n:
     raise ValueError(f"kernels_pallas.tgmm backend='gpu': K={k} must divide by {tko} and "
                      f"N={n} by {cta_n}; use backend='reference'.")
+  pl, plgpu = _compat.mgpu()
   starts, ends = group_bounds(group_sizes_e, m)
   sizes = ends - starts
   first = starts // ALIGN * ALIGN            # chunk starts on 8-row boundaries

@@ -68,17 +68,30 @@ def group_start_schedule(group_sizes_e, m, tm, *, zero_tail=True, align=1) -> Sc
   return Schedule(g, jnp.where(valid, start_v, 0), rows_v, starts[g], ends[g])
 
 
-def aligned_schedule(group_sizes_e, m, tm) -> Schedule:
-  """V = cdiv(m, tm) + G - 1 visits on tile-aligned row blocks (start_v = block * tm)."""
+def aligned_schedule(group_sizes_e, m, tm, *, zero_tail=False, visit_empty=False) -> Schedule:
+  """Visits on tile-aligned row blocks (start_v = block * tm), in group then block order.
+
+  A block shared by two groups is visited once per group; the kernel masks rows to
+  [lo_v, hi_v). zero_tail adds pseudo-group G over rows [sum(sizes), m) (gmm writes its
+  zeros); visit_empty gives each empty group one visit (tgmm must write its zero dw).
+  V = cdiv(m, tm) + G - 1 (+1 with zero_tail): adjacent groups share at most one block
+  and an empty group's visit replaces the block it would have shared. Unused visits
+  repeat the last group and block with an empty row range, so output blocks are only
+  revisited consecutively and a pipelined kernel fetches nothing new for them.
+  """
   num_groups = group_sizes_e.shape[0]
+  tiles_m = cdiv(m, tm)
   starts, ends = group_bounds(group_sizes_e, m)
-  first = starts // tm
-  last = cdiv(ends, tm)
-  tiles_g = jnp.where(ends > starts, last - first, 0)
-  g, j, valid = _expand(tiles_g, cdiv(m, tm) + num_groups - 1)
-  start_v = (first[g] + j) * tm
-  rows_v = jnp.clip(jnp.minimum(ends[g], start_v + tm) - jnp.maximum(starts[g], start_v), 0, tm)
-  # Invalid visits repeat the last valid block so a kernel's block index stays monotone.
-  last_block = jnp.max(jnp.where(valid, start_v, 0))
-  start_v = jnp.where(valid, start_v, last_block)
-  return Schedule(g, start_v, jnp.where(valid, rows_v, 0), starts[g], ends[g])
+  if zero_tail:
+    starts = jnp.concatenate([starts, ends[-1:]])
+    ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
+  first = jnp.minimum(starts // tm, tiles_m - 1)
+  tiles_g = jnp.where(ends > starts, cdiv(ends, tm) - starts // tm, 1 if visit_empty else 0)
+  g, j, valid = _expand(tiles_g, tiles_m + num_groups - 1 + int(zero_tail))
+  block_v = first[g] + j
+  last = jnp.max(jnp.where(valid, jnp.arange(valid.shape[0]), 0))
+  lo_v = jnp.where(valid, starts[g], 0)
+  hi_v = jnp.where(valid, ends[g], 0)
+  start_v = jnp.where(valid, block_v, block_v[last]) * tm
+  rows_v = jnp.clip(jnp.minimum(hi_v, start_v + tm) - jnp.maximum(lo_v, start_v), 0, tm)
+  return Schedule(jnp.where(valid, g, g[last]), start_v, rows_v, lo_v, hi_v)
