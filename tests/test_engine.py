@@ -155,3 +155,38 @@ def test_generation_config_defaults(tmp_path):
   assert generation_defaults(str(tmp_path)) == {"temperature": 0.7, "top_k": 20, "top_p": 0.8,
                                                 "repetition_penalty": 1.05}
   assert generation_defaults(None) == {}
+
+
+MESH_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import json, jax
+from hunyuan_jax.serve.engine import Engine
+from hunyuan_jax.serve.loader import load_model, make_mesh_for_serving
+from hunyuan_jax.serve.sampling import SamplingParams
+cfg, params = load_model(None, "tiny", random_weights=True, dtype="float32")
+mesh = make_mesh_for_serving(tensor=2, expert=2)
+_, sharded = load_model(None, "tiny", random_weights=True, dtype="float32", mesh=mesh)
+g = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+prompts = [[1, 2, 3, 4, 5], list(range(40, 60))]
+kw = dict(max_slots=4, max_len=64, prefill_chunk=16, kv_block=64)
+one = [r.output_ids for r in Engine(cfg, params, **kw).generate(prompts, g)]
+eng = Engine(cfg, sharded, mesh=mesh, **kw)
+many = [r.output_ids for r in eng.generate(prompts, g)]
+print(json.dumps({"one": one, "many": many, "cache_spec": str(jax.tree.leaves(eng.cache)[0].sharding.spec)}))
+"""
+
+
+def test_sharded_engine_matches_single_device():
+  """Tensor x expert x data mesh on 8 simulated CPU devices (own process: the device count is fixed at start)."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], capture_output=True, text=True, env=env,
+                        timeout=600, cwd=root)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["one"] == out["many"]
+  assert "tensor" in out["cache_spec"] and "data" in out["cache_spec"]   # kv heads and slots are sharded
