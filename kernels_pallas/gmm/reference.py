@@ -17,7 +17,7 @@ def default_tm(m):
   return max(8, min(128, -(-m // 8) * 8))
 
 
-def _precision(dtype):
+def precision_for(dtype):
   return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
 
 
@@ -42,7 +42,7 @@ def gmm_reference(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=F
     xb_tk = jnp.where((row_t < rows)[:, None], lax.dynamic_slice_in_dim(x_pad, start, tm), 0)
     w_kn = w_ekn[jnp.minimum(g, num_groups - 1)]
     yb_tn = lax.dot_general(xb_tk, w_kn, (contract, ((), ())),
-                            precision=_precision(x_mk.dtype),
+                            precision=precision_for(x_mk.dtype),
                             preferred_element_type=jnp.float32)
     ob_tn = lax.dynamic_slice_in_dim(out_mn, start, tm) + yb_tn
     return lax.dynamic_update_slice_in_dim(out_mn, ob_tn, start, 0), None
@@ -71,7 +71,7 @@ def tgmm_reference(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, num_groups=Non
     xb_tk = jnp.where(keep_t, lax.dynamic_slice_in_dim(x_pad, start, tm), 0)
     dyb_tn = jnp.where(keep_t, lax.dynamic_slice_in_dim(dy_pad, start, tm), 0)
     part_kn = lax.dot_general(xb_tk, dyb_tn, (((0,), (0,)), ((), ())),
-                              precision=_precision(x_mk.dtype),
+                              precision=precision_for(x_mk.dtype),
                               preferred_element_type=jnp.float32)
     # g == num_groups is the schedule's pseudo-group (no rows): lands in the spare slot.
     return dw_ekn.at[g].add(part_kn), None

@@ -14,6 +14,8 @@ so empty groups write dw = 0. Rows outside the visit's group are zeroed in both 
 (select, so garbage in an out-of-bounds last block cannot leak as NaN * 0).
 
 Scalar prefetch: group_v, block_v, lo_v, hi_v (int32 [V]) drive the index maps.
+f32 operands contract at HIGHEST precision (Mosaic: fp32 contract precision), as the
+reference does; interpret mode on a GPU would otherwise use TF32.
 """
 import functools
 
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas import _compat
+from kernels_pallas.gmm.reference import precision_for
 from kernels_pallas.gmm.schedule import aligned_schedule
 
 ROW_ALIGN = 16       # sublanes of a packed bf16 vreg (8 for 32-bit types)
@@ -107,6 +110,7 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
     @pl.when((group_v[v] < num_groups) & (hi > lo))   # the pseudo-group keeps acc = 0
     def _accumulate():
       acc_ref[...] += lax.dot_general(x_ref[...], w_ref[...], (contract, ((), ())),
+                                      precision=precision_for(x_mk.dtype),
                                       preferred_element_type=jnp.float32)
 
     @pl.when(kk == tiles_k - 1)
@@ -168,6 +172,7 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=F
                         dy_ref[...].astype(jnp.float32), 0.0)
       # Explicit transpose (as megablox): a transposed-lhs contraction need not lower.
       acc_ref[...] += jnp.dot(x_tk.T.astype(in_dtype), dy_tn.astype(in_dtype),
+                              precision=precision_for(in_dtype),
                               preferred_element_type=jnp.float32)
 
     @pl.when((v == num_visits - 1) | (g != group_v[jnp.minimum(v + 1, num_visits - 1)]))
