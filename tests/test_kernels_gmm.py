@@ -88,13 +88,15 @@ def public_forms(backend):
 
 
 @pytest.mark.parametrize("case,dtype", [(c, jnp.float32) for c in CASES]
-                         + [(CASES[1], jnp.bfloat16)])
+                         + [(CASES[1], jnp.bfloat16)],
+                         ids=["m40-f32", "m200-f32", "m300-f32", "allpad-f32", "m200-bf16"])
 def test_reference_matches_oracle(case, dtype):
   check_forms(public_forms("reference"), case, dtype, seed=case[0])
 
 
 @pytest.mark.parametrize("case,dtype", [(CASES[0], jnp.float32), (CASES[1], jnp.float32),
-                                        (CASES[1], jnp.bfloat16), (CASES[3], jnp.float32)])
+                                        (CASES[1], jnp.bfloat16), (CASES[3], jnp.float32)],
+                         ids=["m40-f32", "m200-f32", "m200-bf16", "allpad-f32"])
 def test_tpu_kernel_interpret(case, dtype):
   check_forms(public_forms("tpu_interpret"), case, dtype, seed=7 + case[0])
 

@@ -68,7 +68,7 @@ def test_ties_pick_lower_expert_first():
   x = jnp.ones((4, 8), jnp.float32)
   w = jnp.zeros((8, 6), jnp.float32)          # every logit equal
   for backend in ("reference", "split"):
-    r = kp.route(x, w, None, RouterSpec(top_k=3), backend=backend)
+    r = jax.jit(lambda x, w: kp.route(x, w, None, RouterSpec(top_k=3), backend=backend))(x, w)
     np.testing.assert_array_equal(np.asarray(r.experts_tk), np.tile([0, 1, 2], (4, 1)))
     np.testing.assert_array_equal(np.asarray(r.sort_idx_m), np.argsort(
         np.tile([0, 1, 2], 4), kind="stable"))

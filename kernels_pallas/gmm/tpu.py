@@ -63,8 +63,8 @@ def supports(x, w, *, transpose_rhs=False, tiling=None):
   n = w.shape[1] if transpose_rhs else w.shape[2]
   if w.dtype != x.dtype:
     return False, f"dtypes {x.dtype}/{w.dtype} differ"
-  if tiling is not None:
-    return jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)), "dtype"
+  if tiling is not None:   # shapes are checked against the given tiling by _check_tiling
+    return supports_all(128, 128, 128, x.dtype)
   return supports_all(m, k, n, x.dtype)
 
 
