@@ -118,10 +118,12 @@ def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array]
   # activation dtype before the combine; Hy3 keeps its fp32 combine.
   if not cfg.moe_fp32_combine:
     weights_tk = weights_tk.astype(dtype).astype(jnp.float32)
+  backend = None if cfg.moe_impl == "auto" else cfg.moe_impl   # e.g. "reference" to force jnp ops
   x_sorted_md = jnp.take(x_td.astype(dtype), sort_idx // top_k, axis=0)
-  h_mf2 = kp.gmm(x_sorted_md, wi_edkf.astype(dtype).reshape(e_local, d, 2 * f), group_sizes)
+  h_mf2 = kp.gmm(x_sorted_md, wi_edkf.astype(dtype).reshape(e_local, d, 2 * f), group_sizes,
+                 backend=backend)
   act_mf = swiglu(h_mf2.reshape(-1, 2, f))
-  y_sorted_md = kp.gmm(act_mf, wo_efd.astype(dtype), group_sizes)
+  y_sorted_md = kp.gmm(act_mf, wo_efd.astype(dtype), group_sizes, backend=backend)
   inverse = jnp.argsort(sort_idx)
   y_tkd = jnp.take(y_sorted_md, inverse, axis=0).reshape(t, top_k, d)
   y_td = jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk)
