@@ -115,7 +115,7 @@ def test_expert_lr_scale_changes_only_routed_expert_updates():
     o = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1, clip_norm=0.0,
                     expert_lr_scale=scale, shared_expert_lr_scale=shared)
     tx, _ = opt_lib.make_optimizer(o, cfg, params, total_steps=10)
-    u, _ = tx.update(grads, tx.init(params), params)
+    u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     return u
 
   base, scaled = updates(1.0, 1.0), updates(0.25, 1.0)

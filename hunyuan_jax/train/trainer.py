@@ -114,6 +114,9 @@ def train(run: RunConfig, log: Callable[[str], None] = print) -> dict:
   logger = Logger(run.run_dir, enabled=is_main)
 
   start_step = int(jax.device_get(state["step"]))
+  if start_step >= run.steps:
+    say(f"{run.run_dir} already holds step {start_step} of {run.steps}: nothing to do. Pass --fresh "
+        "to start over, a new --run_dir, or more --steps to continue.")
   losses: dict[int, float] = {}
   window_t, window_steps = None, 0
   end = min(run.steps, run.stop_at_step) if run.stop_at_step > 0 else run.steps
