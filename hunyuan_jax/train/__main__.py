@@ -43,8 +43,7 @@ def main(argv):
       overrides.append((key, str(flags.FLAGS[flag].value) if flag == "steps" else
                         f'"{flags.FLAGS[flag].value}"'))
   run_cfg = load_run_config(_PARSED["path"], overrides)
-  probe = dict(overrides).get("distributed_timeout_s")
-  maybe_initialize_distributed(int(probe) if probe else run_cfg.distributed_timeout_s)
+  maybe_initialize_distributed(run_cfg.distributed_timeout_s)  # before any backend is touched
   if flags.FLAGS.fresh:
     import shutil
     shutil.rmtree(os.path.join(run_cfg.run_dir, "checkpoints"), ignore_errors=True)
