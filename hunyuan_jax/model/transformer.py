@@ -15,16 +15,17 @@ import jax
 import jax.numpy as jnp
 
 from hunyuan_jax.config import LayerSpec, ModelConfig
-from hunyuan_jax.model.attention import KV, Attention
+from hunyuan_jax.model.attention import KV, Attention, write_kv_rows
 from hunyuan_jax.model.layers import RMSNorm, SwiGLU, compute_dtype, param, rope_cos_sin
 from hunyuan_jax.model.moe import MoE, MoEStats
 
-Cache = dict  # {"groups_<i>": KV with a leading [repeats] axis} for groups that own K/V
+Cache = dict  # {"groups_<i>": KV [repeats, B, n_kv, S, D]} for groups that own K/V
 
 
 class ForwardOut(NamedTuple):
   logits: jax.Array                  # [B, T, V] float32
-  cache: Optional[Cache]
+  cache: Optional[Cache]              # the input cache with this chunk's rows written
+  kv_rows: Optional[dict]            # {"groups_<i>": KV [repeats, B, T, n_kv, D]}: just the new rows
   moe_stats: dict                    # {"groups_<i>": MoEStats with leading [repeats, ...]} for MoE layers
   hidden: jax.Array                  # [B, T, H] final-normed hidden states (MTP and heads use them)
 
@@ -36,7 +37,7 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, h_btd, cos_sin, positions_bt, segment_ids_bt, shared_kv, cache):
     cfg = self.cfg
-    a, kv, cache = Attention(cfg, self.spec.kv_source, name="attn")(
+    a, kv = Attention(cfg, self.spec.kv_source, name="attn")(
         RMSNorm(cfg, name="input_norm")(h_btd), cos_sin, positions_bt, segment_ids_bt,
         shared_kv, cache)
     h_btd = h_btd + a
@@ -45,7 +46,7 @@ class DecoderLayer(nn.Module):
       m, stats = MoE(cfg, self.spec, name="moe")(x)
     else:
       m, stats = SwiGLU(cfg, self.spec.ffn_size, name="mlp")(x), None
-    return h_btd + m, kv, cache, stats
+    return h_btd + m, kv, stats
 
 
 class MTPLayer(nn.Module):
@@ -60,28 +61,34 @@ class MTPLayer(nn.Module):
     u = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb_btd), RMSNorm(cfg, name="hnorm")(h_btd)], -1)
     u = jnp.einsum("btk,kd->btd", u.astype(dt), w_eh.astype(dt))
     spec = cfg.layer_spec(cfg.num_layers - 1)._replace(kv_source="self")
-    u, _, _, stats = DecoderLayer(cfg, spec, name="layer")(u, cos_sin, positions_bt, segment_ids_bt,
-                                                           None, None)
+    u, _, stats = DecoderLayer(cfg, spec, name="layer")(u, cos_sin, positions_bt, segment_ids_bt,
+                                                        None, None)
     return RMSNorm(cfg, name="final_norm")(u), stats
 
 
 class Unit(nn.Module):
-  """One repetition of a layer pattern; the scan body."""
+  """One repetition of a layer pattern (at most one layer owns K/V); the scan body.
+
+  The cache slice is a read-only scan input; the new K/V rows are a scan output, so the scan
+  never copies the cache (see attention.py).
+  """
   cfg: ModelConfig
   pattern: tuple
 
   @nn.compact
   def __call__(self, h_btd, cache, cos_sin, positions_bt, segment_ids_bt):
-    shared_kv, stats = None, []
+    shared_kv, rows, stats = None, None, []
     for j, spec in enumerate(self.pattern):
-      # A CLA "shared" layer reads the K/V (or the cache) that the self layer before it wrote.
-      h_btd, shared_kv, cache, s = DecoderLayer(self.cfg, spec, name=f"layer_{j}")(
+      # A CLA "shared" layer reads the K/V rows (and cache) of the self layer before it.
+      h_btd, shared_kv, s = DecoderLayer(self.cfg, spec, name=f"layer_{j}")(
           h_btd, cos_sin, positions_bt, segment_ids_bt, shared_kv, cache)
+      if spec.kv_source == "self":
+        rows = shared_kv
       if s is not None:
         stats.append(s)
     # One stats entry per unit: CLA pairs hold two MoE layers, stacked on a new axis.
     unit_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None
-    return h_btd, (cache, unit_stats)
+    return h_btd, (rows if cache is not None else None, unit_stats)
 
 
 _REMAT_POLICIES = {
@@ -134,18 +141,21 @@ class Transformer(nn.Module):
     cfg = self.cfg
     h = self.embed_tokens(tokens_bt)
     cos_sin = rope_cos_sin(cfg, positions_bt, compute_dtype(cfg))
-    new_cache, stats = {}, {}
+    new_cache, rows, stats = {}, {}, {}
     for i, group in enumerate(self.groups):
       key = f"groups_{i}"
       group_cache = None if cache is None else cache.get(key)
-      h, (gc, gs) = group(h, group_cache, cos_sin, positions_bt, segment_ids_bt)
-      if gc is not None:
-        new_cache[key] = gc
+      h, (group_rows, gs) = group(h, group_cache, cos_sin, positions_bt, segment_ids_bt)
+      if group_rows is not None:
+        rows[key] = group_rows
+        new_cache[key] = write_kv_rows(group_cache, group_rows, positions_bt)
       if gs is not None:
         stats[key] = gs
     h = self.final_norm(h)
     logits = None if return_hidden_only else self.logits(h)
-    return ForwardOut(logits, new_cache if cache is not None else None, stats, h)
+    if cache is None:
+      return ForwardOut(logits, None, None, stats, h)
+    return ForwardOut(logits, new_cache, rows, stats, h)
 
   def mtp_forward(self, hidden_btd, next_tokens_bt, positions_bt, segment_ids_bt=None):
     """Hy3 multi-token prediction (spec 2.9): logits for token t+2 from h_t and token t+1."""
@@ -209,12 +219,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
   cache = {}
   for i, (pattern, repeats) in enumerate(cfg.layer_groups()):
     if any(s.kv_source == "self" for s in pattern):
-      shape = (repeats, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+      shape = (repeats, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
       cache[f"groups_{i}"] = KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
   return cache
 
 
 def cache_logical_axes(cfg: ModelConfig) -> Cache:
   """Logical axes of `init_cache`'s arrays (same tree)."""
-  spec = jax.sharding.PartitionSpec("layers", "batch", "cache_length", "kv_heads", "head_dim")
+  spec = jax.sharding.PartitionSpec("layers", "batch", "kv_heads", "cache_length", "head_dim")
   return {key: KV(spec, spec) for key in jax.eval_shape(lambda: init_cache(cfg, 1, 1))}

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.model import cache_logical_axes, forward, init_cache
+from hunyuan_jax.model import cache_logical_axes, forward, init_cache, write_kv_rows
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, sample
 
@@ -96,12 +96,9 @@ def generation_defaults(model_dir: Optional[str]) -> dict:
   return out
 
 
-def _rows_to_cache(cache, new_small, b_idx, pos_bt):
-  """Scatter the rows a forward wrote into a cache slice back into the full cache."""
-  def put(full, small):
-    rows = small[:, b_idx[:, None] - b_idx[0], jnp.minimum(pos_bt, small.shape[2] - 1)]
-    return full.at[:, b_idx[:, None], pos_bt].set(rows, mode="drop")
-  return jax.tree.map(put, cache, new_small)
+def _rows_to_cache(cache, kv_rows, pos_bt, b_idx=None):
+  """Scatter the new K/V rows a forward returned into the full cache (in place: it is donated)."""
+  return {key: write_kv_rows(cache[key], kv_rows[key], pos_bt, b_idx) for key in cache}
 
 
 class Engine:
@@ -293,11 +290,11 @@ class Engine:
 
   def _prefill_fn(self, params, cache, state: SlotState, slot, toks_c, pos_c, last_idx, is_first, is_last,
                   *, kv_len):
-    row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)[:, :, :kv_len], cache)
+    row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)[:, :, :, :kv_len], cache)
     model = Transformer(self.cfg)
     h = model.apply({"params": params}, toks_c[None], pos_c[None], row, None, True)
     logits_1v = model.apply({"params": params}, h.hidden[:, last_idx][:, None], method=Transformer.logits)[:, 0]
-    cache = _rows_to_cache(cache, h.cache, slot[None], pos_c[None])
+    cache = _rows_to_cache(cache, h.kv_rows, pos_c[None], slot[None])
     cache = self._constrain(cache)
     v = self.cfg.vocab_size
     prompt_v = jnp.where(is_first, False, state.prompt_bv[slot])
@@ -327,12 +324,10 @@ class Engine:
   def _decode_fn(self, params, cache, state: SlotState, *, kv_len):
     b = self.max_slots
     pos_b = jnp.where(state.active_b, state.positions_b, DROP)
-    small = cache if kv_len == self.max_len else jax.tree.map(lambda x: x[:, :, :kv_len], cache)
+    # Attend over the used prefix only (kv_len bucket); the cache axes are [R, B, n_kv, S, D].
+    small = cache if kv_len == self.max_len else jax.tree.map(lambda x: x[:, :, :, :kv_len], cache)
     out = forward(params, state.tokens_b[:, None], pos_b[:, None], small, cfg=self.cfg)
-    if kv_len == self.max_len:
-      cache = out.cache
-    else:
-      cache = _rows_to_cache(cache, out.cache, jnp.arange(b), pos_b[:, None])
+    cache = _rows_to_cache(cache, out.kv_rows, pos_b[:, None])
     cache = self._constrain(cache)
     tok_b = sample(out.logits[:, 0], state.sp, state.counts_bv, state.prompt_bv)
     act = state.active_b
