@@ -82,6 +82,8 @@ class RunConfig:
   stop_at_step: int = 0            # >0: stop after this step as if preempted (no final save)
   peak_tflops: float = 0.0         # per device, for MFU; 0: datasheet value when known
   distributed_timeout_s: int = 1800
+  sample_prompt: str = "def "      # greedy continuation printed after training ("" = none)
+  sample_tokens: int = 64
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   moe: MoETrainConfig = dataclasses.field(default_factory=MoETrainConfig)

@@ -8,10 +8,12 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hunyuan_jax.config import dims_summary
 from hunyuan_jax.model import abstract_params
+from hunyuan_jax.model.greedy import greedy_generate
 from hunyuan_jax.sharding import make_mesh
 from hunyuan_jax.train import data as data_lib
 from hunyuan_jax.train.checkpointing import Checkpointer, load_hf_params
@@ -170,4 +172,13 @@ def train(run: RunConfig, log: Callable[[str], None] = print) -> dict:
     tail = [losses[s] for s in range(max(first, last - 9), last + 1)]
     say(f"done: loss {losses[first]:.4f} at step {first} -> {np.mean(tail):.4f} (mean of steps "
         f"{last - len(tail) + 1}-{last}) in {wall:.1f} s wall")
+  if is_main and run.sample_prompt and run.sample_tokens > 0:
+    say(f"sample: {run.sample_prompt + greedy_sample(state['params'], cfg, tokenizer, run):s}")
   return {"losses": losses, "wall_s": wall, "start_step": start_step, "state": state}
+
+
+def greedy_sample(params, cfg, tokenizer, run: RunConfig) -> str:
+  """A short greedy continuation of `run.sample_prompt` with the trained weights."""
+  prompt = jnp.asarray([tokenizer.encode(run.sample_prompt, allow_special=False)], jnp.int32)
+  tokens = greedy_generate(params, prompt, cfg=cfg, max_new_tokens=run.sample_tokens)
+  return tokenizer.decode([int(t) for t in np.asarray(tokens[0])])
