@@ -32,9 +32,14 @@ class Routing(NamedTuple):
 
 def route_reference(x_td, w_gate_de, bias_e: Optional[jax.Array], spec: RouterSpec) -> Routing:
   """fp32 logits -> scores -> top-k (selection may add bias_e) -> weights, sort, stats."""
-  num_experts = w_gate_de.shape[1]
   logits_te = jnp.dot(x_td.astype(jnp.float32), w_gate_de.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)
+  return route_from_logits(logits_te, bias_e, spec)
+
+
+def route_from_logits(logits_te, bias_e: Optional[jax.Array], spec: RouterSpec) -> Routing:
+  """Everything after the logits; shared by every router backend."""
+  num_tokens, num_experts = logits_te.shape
   if spec.scoring == "softmax":
     scores_te = jax.nn.softmax(logits_te, axis=-1)
     probs_te = scores_te
@@ -52,11 +57,19 @@ def route_reference(x_td, w_gate_de, bias_e: Optional[jax.Array], spec: RouterSp
       denom = jnp.maximum(denom, jnp.finfo(jnp.float32).eps)
     weights_tk = weights_tk / denom
   weights_tk = weights_tk * spec.scale
-  flat_m = experts_tk.reshape(-1).astype(jnp.int32)
-  sort_idx_m = jnp.argsort(flat_m, stable=True).astype(jnp.int32)
-  group_sizes_e = jnp.bincount(flat_m, length=num_experts).astype(jnp.int32)
-  expert_frac_e = group_sizes_e.astype(jnp.float32) / flat_m.shape[0]
+  experts_tk = experts_tk.astype(jnp.int32)
+  num_slots = num_tokens * spec.top_k
+  flat_m = experts_tk.reshape(-1)
+  if num_experts * num_slots < 2**31:
+    # One key sort (expert-major, slot-minor keys are unique) is a stable argsort, and cheaper.
+    keys_m = jax.lax.sort(flat_m * num_slots + jnp.arange(num_slots, dtype=jnp.int32))
+    sort_idx_m = keys_m % num_slots
+  else:
+    sort_idx_m = jnp.argsort(flat_m, stable=True)
+  onehot_tke = experts_tk[..., None] == jnp.arange(num_experts, dtype=jnp.int32)
+  group_sizes_e = jnp.sum(onehot_tke, axis=(0, 1), dtype=jnp.int32)
+  expert_frac_e = group_sizes_e.astype(jnp.float32) / num_slots
   mean_prob_e = jnp.mean(probs_te, axis=0)
   z_loss = jnp.mean(jax.nn.logsumexp(logits_te, axis=-1) ** 2)
-  return Routing(weights_tk, experts_tk.astype(jnp.int32), sort_idx_m, group_sizes_e,
+  return Routing(weights_tk, experts_tk, sort_idx_m.astype(jnp.int32), group_sizes_e,
                  expert_frac_e, mean_prob_e, z_loss)

@@ -11,7 +11,7 @@ construction) and the group sizes are a one-hot reduction instead of a scatter.
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.router.reference import RouterSpec, Routing
+from kernels_pallas.router.reference import RouterSpec, Routing, route_from_logits
 
 
 def _split(a):
@@ -75,38 +75,4 @@ logits_fp32.defvjp(_logits_fwd, _logits_bwd)
 
 
 def route_split(x_td, w_gate_de, bias_e, spec: RouterSpec) -> Routing:
-  num_tokens = x_td.shape[0]
-  num_experts = w_gate_de.shape[1]
-  logits_te = logits_fp32(x_td, w_gate_de)
-  if spec.scoring == "softmax":
-    scores_te = jax.nn.softmax(logits_te, axis=-1)
-    probs_te = scores_te
-  elif spec.scoring == "sigmoid":
-    scores_te = jax.nn.sigmoid(logits_te)
-    probs_te = scores_te / jnp.sum(scores_te, axis=-1, keepdims=True)
-  else:
-    raise ValueError(f"RouterSpec.scoring must be 'softmax' or 'sigmoid', got {spec.scoring!r}")
-  select_te = scores_te if bias_e is None else scores_te + bias_e.astype(jnp.float32)
-  _, experts_tk = jax.lax.top_k(jax.lax.stop_gradient(select_te), spec.top_k)
-  weights_tk = jnp.take_along_axis(scores_te, experts_tk, axis=-1)
-  if spec.renormalize:
-    denom = jnp.sum(weights_tk, axis=-1, keepdims=True) + spec.eps
-    if spec.scoring == "softmax":
-      denom = jnp.maximum(denom, jnp.finfo(jnp.float32).eps)
-    weights_tk = weights_tk / denom
-  weights_tk = weights_tk * spec.scale
-  experts_tk = experts_tk.astype(jnp.int32)
-  num_slots = num_tokens * spec.top_k
-  flat_m = experts_tk.reshape(-1)
-  if num_experts * num_slots < 2**31:
-    keys_m = jax.lax.sort(flat_m * num_slots + jnp.arange(num_slots, dtype=jnp.int32))
-    sort_idx_m = keys_m % num_slots
-  else:
-    sort_idx_m = jnp.argsort(flat_m, stable=True).astype(jnp.int32)
-  onehot_tke = experts_tk[..., None] == jnp.arange(num_experts, dtype=jnp.int32)
-  group_sizes_e = jnp.sum(onehot_tke, axis=(0, 1), dtype=jnp.int32)
-  expert_frac_e = group_sizes_e.astype(jnp.float32) / num_slots
-  mean_prob_e = jnp.mean(probs_te, axis=0)
-  z_loss = jnp.mean(jax.nn.logsumexp(logits_te, axis=-1) ** 2)
-  return Routing(weights_tk, experts_tk, sort_idx_m.astype(jnp.int32), group_sizes_e,
-                 expert_frac_e, mean_prob_e, z_loss)
+  return route_from_logits(logits_fp32(x_td, w_gate_de), bias_e, spec)
