@@ -27,11 +27,16 @@ def _impl(name):
   return None
 
 
+def _min_rows(backend) -> int:
+  """Kernels tile rows; fewer rows than one tile are zero-padded (padded rows give 0 anyway)."""
+  return getattr(_impl(backend), "MIN_ROWS", 0) if backend != "reference" else 0
+
+
 def _auto(m, k, n, dtype):
   """A kernel backend only where it tiles the forward and every backward form."""
   plat = _dispatch.platform()
   name = "gpu" if plat == "gpu" and _dispatch.is_hopper() else "tpu" if plat == "tpu" else None
-  if name and _impl(name).supports_all(m, k, n, dtype)[0]:
+  if name and _impl(name).supports_all(max(m, _min_rows(name)), k, n, dtype)[0]:
     return name
   return "reference"
 
@@ -121,7 +126,11 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, back
   if x_mk.dtype != w_ekn.dtype:   # kernels take one operand dtype; promote like jnp.dot
     dt = jnp.promote_types(x_mk.dtype, w_ekn.dtype)
     x_mk, w_ekn = x_mk.astype(dt), w_ekn.astype(dt)
-  return _gmm(name, out_dtype, bool(transpose_rhs), x_mk, w_ekn, group_sizes_e.astype(jnp.int32))
+  m = x_mk.shape[0]
+  rows = max(m, _min_rows(name))   # e.g. batch-1 decode: 8 rows, one 64-row tile
+  x_mk = jnp.pad(x_mk, ((0, rows - m), (0, 0))) if rows > m else x_mk
+  y = _gmm(name, out_dtype, bool(transpose_rhs), x_mk, w_ekn, group_sizes_e.astype(jnp.int32))
+  return y[:m] if rows > m else y
 
 
 def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, backend=None):
