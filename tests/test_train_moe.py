@@ -145,3 +145,28 @@ def test_aux_free_bias_moves_toward_balance():
   # Sign steps make the load oscillate around balance: judge the late average.
   assert np.mean(loads[-20:]) < 0.7 * loads[0], (loads[0], loads[-20:])
   assert bias[:2].max() < 0 < bias[2:].max()    # overloaded experts pushed down, others up
+
+
+def test_mtp_loss_trains_only_when_weighted():
+  """Hy3 MTP: with a weight the MTP layer gets gradients and the loss grows by weight x MTP CE."""
+  from tiny_configs import tiny  # tests/ is on sys.path (pytest rootdir-relative imports)
+  from hunyuan_jax.model import init_params
+  from hunyuan_jax.train.run_config import MoETrainConfig
+  from hunyuan_jax.train.step import loss_fn
+  cfg = tiny("hy3", num_layers=2)
+  params = init_params(cfg, jax.random.key(0))
+  toks = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "positions": jnp.broadcast_to(jnp.arange(8), (2, 8)),
+           "segment_ids": jnp.ones((2, 8), jnp.int32), "loss_mask": jnp.ones((2, 8), jnp.float32)}
+  results = {}
+  for weight in (0.0, 0.5):
+    moe = MoETrainConfig(aux_loss_weight=0.0, z_loss_weight=0.0, mtp_loss_weight=weight)
+    fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, jnp.float32(16), cfg=cfg, moe=moe,
+                                                      num_micro=1), has_aux=True))
+    results[weight] = fn(params)
+  (loss0, aux0), grads0 = results[0.0]
+  (loss1, aux1), grads1 = results[0.5]
+  assert "mtp_loss" not in aux0 and float(aux1["mtp_loss"]) > 0
+  np.testing.assert_allclose(loss1 - loss0, 0.5 * aux1["mtp_loss"], rtol=1e-5)
+  assert not np.any(np.asarray(grads0["mtp_0"]["eh_proj"]))
+  assert np.any(np.asarray(grads1["mtp_0"]["eh_proj"]))

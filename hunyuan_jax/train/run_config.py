@@ -50,6 +50,7 @@ class MoETrainConfig:
   aux_loss_weight: float = 0.01    # Switch load-balancing loss, E * sum_e frac_e * prob_e, per layer
   z_loss_weight: float = 0.001     # router z-loss, mean logsumexp(logits)^2
   bias_update_rate: float = 0.0    # Hy3 aux-loss-free balancing: expert_bias += rate * sign(mean - load)
+  mtp_loss_weight: float = 0.0     # Hy3 multi-token prediction: weight of the MTP layers' loss on token t+2
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.model import forward, init_params
+from hunyuan_jax.model import forward, forward_mtp, init_params
 from hunyuan_jax.model import moe_parallel
 from hunyuan_jax.sharding import batch_sharding, param_shardings
 from hunyuan_jax.train.run_config import MoETrainConfig
@@ -57,9 +57,28 @@ def loss_fn(params, batch: dict, num_tokens: jax.Array, *, cfg: ModelConfig, moe
   nll_bt = jax.nn.logsumexp(logits, axis=-1) - target_logit
   ce_sum = jnp.sum(nll_bt * batch["loss_mask"])
   m = moe_losses(out.moe_stats)
-  total = (ce_sum / num_tokens
-           + (moe.aux_loss_weight * m["aux_loss"] + moe.z_loss_weight * m["z_loss"]) / num_micro)
-  return total, {"ce_sum": ce_sum, **m}
+  aux = moe.aux_loss_weight * m["aux_loss"] + moe.z_loss_weight * m["z_loss"]
+  if cfg.num_mtp_layers and moe.mtp_loss_weight > 0:
+    m["mtp_loss"] = mtp_loss(params, out.hidden, batch, cfg)
+    aux = aux + moe.mtp_loss_weight * m["mtp_loss"]
+  return ce_sum / num_tokens + aux / num_micro, {"ce_sum": ce_sum, **m}
+
+
+def mtp_loss(params, hidden_btd, batch: dict, cfg: ModelConfig) -> jax.Array:
+  """Mean cross-entropy of the MTP layers: from h_t and token t+1, predict token t+2 (same document)."""
+  seg = batch.get("segment_ids")
+  mask = batch["loss_mask"][:, :-1] * batch["loss_mask"][:, 1:]
+  if seg is not None:
+    mask = mask * (seg[:, :-1] == seg[:, 1:])
+  logits_per_layer, _ = forward_mtp(params, hidden_btd[:, :-1], batch["targets"][:, :-1],
+                                    batch["positions"][:, :-1], cfg=cfg,
+                                    segment_ids_bt=None if seg is None else seg[:, :-1])
+  target = batch["targets"][:, 1:]
+  losses = []
+  for logits in logits_per_layer:  # layer i would predict t+2+i; Hy3 ships one layer
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, target[..., None], -1)[..., 0]
+    losses.append(jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0))
+  return jnp.mean(jnp.stack(losses))
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,6 +149,8 @@ def train_step(state: dict, batch: dict, *, cfg: ModelConfig, moe: MoETrainConfi
 
   ce = aux["ce_sum"] / num_tokens
   loss = ce + moe.aux_loss_weight * aux["aux_loss"] + moe.z_loss_weight * aux["z_loss"]
+  if "mtp_loss" in aux:
+    loss = loss + moe.mtp_loss_weight * aux["mtp_loss"]
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jnp.where(finite, new, old)
   new_state = {"step": state["step"] + finite.astype(state["step"].dtype),
@@ -139,6 +160,8 @@ def train_step(state: dict, batch: dict, *, cfg: ModelConfig, moe: MoETrainConfi
              "dropped_frac": aux["dropped_frac"], "grad_norm": grad_norm,
              "lr": lr_fn(state["step"]), "load": aux["load"], "tokens": num_tokens,
              "finite": finite}
+  if "mtp_loss" in aux:
+    metrics["mtp_loss"] = aux["mtp_loss"]
   return new_state, metrics
 
 

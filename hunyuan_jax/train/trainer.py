@@ -151,6 +151,8 @@ def train(run: RunConfig, log: Callable[[str], None] = print) -> dict:
         mfu = flops_step / (dt * peak) if (peak and window_steps) else None
         scalars = {k: m[k] for k in ("loss", "total_loss", "aux_loss", "z_loss", "dropped_frac",
                                      "grad_norm", "lr")}
+        if "mtp_loss" in m:
+          scalars["mtp_loss"] = m["mtp_loss"]
         # Packed batches differ a lot in difficulty: print the window's mean loss too.
         scalars["loss_window_mean"] = np.mean([losses[s] for s in range(step + 2 - run.log_every, step + 2)
                                                if s in losses])
