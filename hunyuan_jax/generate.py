@@ -12,12 +12,10 @@ import sys
 
 from absl import app, flags
 
+from hunyuan_jax.serve.model_flags import define_model_flags, load_from_flags
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "HF safetensors folder or orbax checkpoint folder")
-flags.DEFINE_string("config", None, "preset name or config.json (with --random_weights)")
-flags.DEFINE_bool("random_weights", False, "random parameters (smoke tests)")
-flags.DEFINE_string("tokenizer", None, "tokenizer folder/file (default: the model folder)")
-flags.DEFINE_string("dtype", None, "compute and weight dtype")
+define_model_flags()
 flags.DEFINE_string("prompt", None, "generate for this prompt and exit (default: interactive chat)")
 flags.DEFINE_bool("raw", False, "feed the prompt as plain text, without the chat template")
 flags.DEFINE_string("system", None, "system message for chat")
@@ -29,9 +27,6 @@ flags.DEFINE_float("top_p", None, "nucleus mass")
 flags.DEFINE_integer("top_k", None, "top-k (0 = off)")
 flags.DEFINE_float("repetition_penalty", None, "repetition penalty (1 = off)")
 flags.DEFINE_integer("seed", None, "sampling seed")
-flags.DEFINE_integer("max_len", None, "context length (default: the model's)")
-flags.DEFINE_integer("tensor", 1, "tensor-parallel devices")
-flags.DEFINE_integer("expert", 1, "expert-parallel devices")
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -74,12 +69,8 @@ def stream_turn(engine, ids, params, family, raw: bool, out=sys.stdout) -> str:
 def run(argv=None):
   del argv
   from hunyuan_jax.chat import opens_reasoning, render_chat
-  from hunyuan_jax.serve.loader import (build_engine, chat_family_for, load_model, load_tokenizer_for,
-                                        make_mesh_for_serving)
-  mesh = make_mesh_for_serving(FLAGS.tensor, FLAGS.expert)
-  cfg, params = load_model(FLAGS.model, FLAGS.config, random_weights=FLAGS.random_weights, dtype=FLAGS.dtype,
-                           mesh=mesh)
-  tok = load_tokenizer_for(FLAGS.model, FLAGS.tokenizer, cfg)
+  from hunyuan_jax.serve.loader import build_engine, chat_family_for
+  mesh, cfg, params, tok = load_from_flags()
   engine, defaults = build_engine(cfg, params, tok, model_dir=FLAGS.model, max_slots=1, max_len=FLAGS.max_len,
                                   mesh=mesh)
   family = chat_family_for(cfg, tok)

@@ -7,23 +7,17 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from hunyuan_jax.serve.model_flags import define_model_flags, load_from_flags
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "HF safetensors folder or orbax checkpoint folder")
-flags.DEFINE_string("config", None, "preset name or config.json (with --random_weights, or to override the folder's)")
-flags.DEFINE_bool("random_weights", False, "random parameters (tests, benchmarks)")
-flags.DEFINE_multi_string("override", [], "config field=value overrides, repeatable")
-flags.DEFINE_string("tokenizer", None, "tokenizer folder/file (default: the model folder; 'byte' for tiny)")
-flags.DEFINE_string("dtype", None, "compute and weight dtype, e.g. bfloat16")
+define_model_flags()
 flags.DEFINE_string("host", "127.0.0.1", "bind address (0.0.0.0 exposes the server to the network)")
 flags.DEFINE_integer("port", 8000, "port")
 flags.DEFINE_string("served_model_name", None, "model id reported by /v1/models (default: folder or preset name)")
 flags.DEFINE_string("api_key", None, "require 'Authorization: Bearer <key>' on /v1/*")
 flags.DEFINE_integer("max_slots", 8, "concurrent sequences in the decode batch")
-flags.DEFINE_integer("max_len", None, "context length per slot (default: max_position_embeddings)")
 flags.DEFINE_integer("prefill_chunk", 512, "prompt tokens per prefill call")
 flags.DEFINE_integer("kv_block", 256, "attention reads the cache prefix rounded up to this many rows")
-flags.DEFINE_integer("tensor", 1, "tensor-parallel devices")
-flags.DEFINE_integer("expert", 1, "expert-parallel devices")
 flags.DEFINE_bool("enable_thinking", True, "default chat_template_kwargs.enable_thinking")
 flags.DEFINE_bool("use_generation_config", True, "apply the model's generation_config.json sampling defaults")
 flags.DEFINE_bool("quiet", False, "no per-request log lines")
@@ -34,14 +28,10 @@ def run(argv=None):
   import os
 
   from hunyuan_jax.serve.engine import cache_bytes
-  from hunyuan_jax.serve.loader import (build_engine, chat_family_for, load_model, load_tokenizer_for,
-                                        make_mesh_for_serving)
+  from hunyuan_jax.serve.loader import build_engine, chat_family_for
   from hunyuan_jax.serve.server import ServeContext, Server
 
-  mesh = make_mesh_for_serving(FLAGS.tensor, FLAGS.expert)
-  cfg, params = load_model(FLAGS.model, FLAGS.config, random_weights=FLAGS.random_weights,
-                           overrides=FLAGS.override, dtype=FLAGS.dtype, mesh=mesh)
-  tok = load_tokenizer_for(FLAGS.model, FLAGS.tokenizer, cfg)
+  mesh, cfg, params, tok = load_from_flags()
   engine, defaults = build_engine(cfg, params, tok, model_dir=FLAGS.model if FLAGS.use_generation_config else None,
                                   max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
                                   prefill_chunk=FLAGS.prefill_chunk, kv_block=FLAGS.kv_block, mesh=mesh)
