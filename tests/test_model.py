@@ -118,3 +118,39 @@ def test_gradients_flow_to_every_parameter():
   zero = [jax.tree_util.keystr(k) for k, g in jax.tree_util.tree_leaves_with_path(grads)
           if not np.any(np.asarray(g))]
   assert not zero, f"parameters without gradient: {zero}"
+
+
+def test_einsum_f32_backward_runs_in_the_operand_dtype():
+  """fp32 logits/scores, but the two gradient matmuls stay bf16 (fp32 ones are ~4x slower)."""
+  from hunyuan_jax.model.layers import einsum_f32
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((2, 5, 16)), rng.standard_normal((16, 9))
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))
+  ours = loss(lambda a, b: einsum_f32("btd,dv->btv", a, b))
+  plain = loss(lambda a, b: jnp.einsum("btd,dv->btv", a, b, preferred_element_type=jnp.float32))
+  a32, b32 = jnp.float32(a), jnp.float32(b)
+  for g_ours, g_plain in zip(jax.grad(ours, (0, 1))(a32, b32), jax.grad(plain, (0, 1))(a32, b32)):
+    np.testing.assert_allclose(g_ours, g_plain, rtol=1e-6, atol=1e-6)
+  a16, b16 = a32.astype(jnp.bfloat16), b32.astype(jnp.bfloat16)
+  assert ours(a16, b16).dtype == jnp.float32
+  def f32_dots(f):   # dots with an fp32 result; their operands are upcast when any is fp32
+    hlo = jax.jit(jax.grad(f, (0, 1))).lower(a16, b16).compiler_ir("hlo").as_hlo_text()
+    return [l for l in hlo.splitlines() if " dot(" in l and "= f32[" in l]
+  assert len(f32_dots(ours)) == 1, f32_dots(ours)      # the forward only
+  assert len(f32_dots(plain)) == 3                      # what the wrapper avoids
+
+
+def test_take_rows_gradient_equals_jnp_take():
+  """The MoE dispatch/combine permutation: gather-based backward == jnp.take's scatter-add."""
+  from hunyuan_jax.model.moe import take_rows
+  rng = np.random.default_rng(0)
+  t, k, d = 7, 3, 5
+  perm = jnp.asarray(rng.permutation(t * k), jnp.int32)
+  inv = jnp.argsort(perm).astype(jnp.int32)
+  w = jnp.asarray(rng.standard_normal((t * k, d)), jnp.float32)
+  for fan_out, n, p, q in ((k, t, perm, inv), (1, t * k, inv, perm)):
+    x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+    ours = lambda x: jnp.sum(jnp.sin(take_rows(x, p, q, fan_out)) * w)
+    plain = lambda x: jnp.sum(jnp.sin(jnp.take(x, p // fan_out, axis=0)) * w)
+    np.testing.assert_allclose(ours(x), plain(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-5, atol=1e-6)

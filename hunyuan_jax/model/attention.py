@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.model.layers import apply_rope, compute_dtype, param, rms_norm
+from hunyuan_jax.model.layers import apply_rope, compute_dtype, einsum_f32, param, rms_norm
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax, not NaN
 
@@ -70,11 +70,10 @@ def dot_attention(q_btnd, k_bsnd, v_bsnd, mask_bts, dtype, cached: Optional[KV] 
   b, t, n, d = q_btnd.shape
   kv = k_bsnd.shape[2]
   q = q_btnd.reshape(b, t, kv, n // kv, d)  # query head h uses kv head h // G
-  s = jnp.einsum("btkgd,bskd->bkgts", q, k_bsnd.astype(q.dtype), preferred_element_type=jnp.float32)
+  s = einsum_f32("btkgd,bskd->bkgts", q, k_bsnd.astype(q.dtype))
   s = jnp.where(mask_bts[:, None, None], s * (d ** -0.5), NEG_INF)
   if cached is not None:
-    s_old = jnp.einsum("btkgd,bksd->bkgts", q, cached.k_bsnd.astype(q.dtype),
-                       preferred_element_type=jnp.float32)
+    s_old = einsum_f32("btkgd,bksd->bkgts", q, cached.k_bsnd.astype(q.dtype))
     s_old = jnp.where(cached_mask_bts[:, None, None], s_old * (d ** -0.5), NEG_INF)
     s = jnp.concatenate([s_old, s], axis=-1)
   p = jax.nn.softmax(s, axis=-1).astype(dtype)

@@ -10,6 +10,7 @@ token dropping (HUNYUAN_SPEC.md 2.7); the default is dropless, like transformers
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import flax.linen as nn
@@ -78,6 +79,31 @@ def recycle_over_capacity(experts_tk: jax.Array, num_experts: int,
   return new_kt.T, keep_tk | moved_kt.T
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def take_rows(x_nd: jax.Array, perm_m: jax.Array, inverse_m: jax.Array, fan_out: int) -> jax.Array:
+  """y[m] = x[perm[m] // fan_out], perm a permutation of range(n * fan_out), inverse its inverse.
+
+  The backward is a gather as well (g[inverse], summed over the fan_out copies of each row);
+  jnp.take's own backward is a scatter-add, which XLA runs with atomics.
+  """
+  return jnp.take(x_nd, perm_m // fan_out, axis=0)
+
+
+def _take_rows_fwd(x_nd, perm_m, inverse_m, fan_out):
+  return take_rows(x_nd, perm_m, inverse_m, fan_out), (perm_m, inverse_m)
+
+
+def _take_rows_bwd(fan_out, res, g_md):
+  _, inverse_m = res
+  g = jnp.take(g_md, inverse_m, axis=0)
+  if fan_out > 1:
+    g = jnp.sum(g.reshape(-1, fan_out, g.shape[-1]).astype(jnp.float32), axis=1).astype(g_md.dtype)
+  return g, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 def _local_groups(experts_tk: jax.Array, expert_offset, num_local: int):
   """Sort order and group sizes for the experts [offset, offset + num_local) held here.
 
@@ -119,13 +145,13 @@ def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array]
   if not cfg.moe_fp32_combine:
     weights_tk = weights_tk.astype(dtype).astype(jnp.float32)
   backend = None if cfg.moe_impl == "auto" else cfg.moe_impl   # e.g. "reference" to force jnp ops
-  x_sorted_md = jnp.take(x_td.astype(dtype), sort_idx // top_k, axis=0)
+  inverse = jnp.argsort(sort_idx).astype(jnp.int32)
+  x_sorted_md = take_rows(x_td.astype(dtype), sort_idx, inverse, top_k)
   h_mf2 = kp.gmm(x_sorted_md, wi_edkf.astype(dtype).reshape(e_local, d, 2 * f), group_sizes,
                  backend=backend)
   act_mf = swiglu(h_mf2.reshape(-1, 2, f))
   y_sorted_md = kp.gmm(act_mf, wo_efd.astype(dtype), group_sizes, backend=backend)
-  inverse = jnp.argsort(sort_idx)
-  y_tkd = jnp.take(y_sorted_md, inverse, axis=0).reshape(t, top_k, d)
+  y_tkd = take_rows(y_sorted_md, inverse, sort_idx, 1).reshape(t, top_k, d)
   y_td = jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk)
   stats = MoEStats(r.expert_frac_e, r.mean_prob_e, r.z_loss, dropped)
   return y_td, stats

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from hunyuan_jax.config import LayerSpec, ModelConfig
 from hunyuan_jax.model.attention import KV, Attention, write_kv_rows
-from hunyuan_jax.model.layers import RMSNorm, SwiGLU, compute_dtype, param, rope_cos_sin
+from hunyuan_jax.model.layers import (RMSNorm, SwiGLU, compute_dtype, einsum_f32, param,
+                                     rope_cos_sin)
 from hunyuan_jax.model.moe import MoE, MoEStats
 
 Cache = dict  # {"groups_<i>": KV [repeats, B, n_kv, S, D]} for groups that own K/V
@@ -133,8 +134,7 @@ class Transformer(nn.Module):
   def logits(self, h_btd):
     dt = compute_dtype(self.cfg)
     w = self.embed.T if self.cfg.tie_word_embeddings else self.lm_head
-    return jnp.einsum("btd,dv->btv", h_btd.astype(dt), w.astype(dt),
-                      preferred_element_type=jnp.float32)
+    return einsum_f32("btd,dv->btv", h_btd.astype(dt), w.astype(dt))
 
   def __call__(self, tokens_bt, positions_bt, cache: Optional[Cache] = None,
                segment_ids_bt=None, return_hidden_only: bool = False) -> ForwardOut:
