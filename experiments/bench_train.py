@@ -23,11 +23,14 @@ import os
 import sys
 import time
 
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.model import abstract_params
@@ -70,15 +73,15 @@ def matmul_peak_tflops(n: int = 8192) -> float:
   return 2 * n ** 3 / dt / 1e12
 
 
-def build(cfg, seq, batch, mu_dtype):
+def build(cfg, seq, batch, mu_dtype, micro):
   mesh = make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
   optim = OptimConfig(lr=1e-4, warmup_steps=10, mu_dtype=mu_dtype)
   tx, lr_fn = make_optimizer(optim, cfg, abstract_params(cfg), 1000)
   abstract = abstract_state(cfg, tx)
   sh = state_shardings(abstract, cfg, mesh)
-  step = jit_train_step(cfg, MoETrainConfig(), tx, lr_fn, 1, mesh, sh, batch_keys=KEYS)
+  step = jit_train_step(cfg, MoETrainConfig(), tx, lr_fn, micro, mesh, sh, batch_keys=KEYS)
   a_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
-  a_batch = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32)
+  a_batch = {k: jax.ShapeDtypeStruct((batch * micro, seq), jnp.float32 if k == "loss_mask" else jnp.int32)
              for k in KEYS}
   t = time.perf_counter()
   compiled = step.lower(a_state, a_batch).compile()
@@ -94,25 +97,26 @@ def build(cfg, seq, batch, mu_dtype):
 _BUILT: dict = {}
 
 
-def build_cached(layers, impl, args):
-  key = (layers, impl)
+def build_cached(layers, impl, micro, args):
+  key = (layers, impl, micro)
   if key not in _BUILT:
     _BUILT.clear()   # one compiled program at a time
     cfg = model_config(layers, impl, args.state_dtype, args.remat)
-    _BUILT[key] = (cfg,) + build(cfg, args.seq, args.batch, args.state_dtype)
+    _BUILT[key] = (cfg,) + build(cfg, args.seq, args.batch, args.state_dtype, micro)
   return _BUILT[key]
 
 
-def run_variant(layers, impl, args, peak_meas, peak_sheet, hbm):
-  cfg, compiled, tx, sh, need, compile_s = build_cached(layers, impl, args)
-  print(f"[{impl}] layers {layers}: compiled in {compile_s:.0f} s, needs "
+def run_variant(layers, impl, micro, args, peak_meas, peak_sheet, hbm):
+  cfg, compiled, tx, sh, need, compile_s = build_cached(layers, impl, micro, args)
+  print(f"[{impl} x{micro}] layers {layers}: compiled in {compile_s:.0f} s, needs "
         f"{need / 2**30 if need else float('nan'):.1f} GiB of {hbm / 2**30:.1f}", flush=True)
   state = jax.jit(lambda r: fresh_state(cfg, tx, r), out_shardings=sh)(jax.random.key(0))
   rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+  rows = args.batch * micro
+  tokens = rng.integers(0, cfg.vocab_size, (rows, args.seq + 1), dtype=np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)),
-           "loss_mask": np.ones((args.batch, args.seq), np.float32)}
+           "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (rows, args.seq)),
+           "loss_mask": np.ones((rows, args.seq), np.float32)}
   batch = jax.device_put(batch)
   steps = args.steps if impl == "auto" else args.ref_steps
   for _ in range(2):
@@ -123,10 +127,26 @@ def run_variant(layers, impl, args, peak_meas, peak_sheet, hbm):
     state, m = compiled(state, batch)
   loss = float(m["loss"])
   dt = (time.perf_counter() - t) / steps
-  tokens_step = args.batch * args.seq
+  tokens_step = rows * args.seq
   flops = flops_per_token(cfg, args.seq) * tokens_step
+  opt_s = None
+  if micro == 1 and impl == "auto":   # the optimizer update alone: paid once per step
+    def update(state, grads):
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      return {**state, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), state["params"])
+    upd = jax.jit(update, donate_argnums=0)
+    state = upd(state, grads)
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    for _ in range(3):
+      state = upd(state, grads)
+    jax.block_until_ready(state)
+    opt_s = (time.perf_counter() - t) / 3
+    del grads
   del state
-  return {"impl": impl, "layers": layers, "step_s": dt, "tokens_per_s": tokens_step / dt,
+  return {"impl": impl, "microbatches": micro, "layers": layers, "step_s": dt,
+          "optimizer_update_s": opt_s, "tokens_per_s": tokens_step / dt,
           "model_tflops_per_step": flops / 1e12, "achieved_tflops": flops / dt / 1e12,
           "mfu_measured_peak": flops / dt / (peak_meas * 1e12),  # noqa: E501
           "mfu_datasheet": flops / dt / (peak_sheet * 1e12) if peak_sheet else None,
@@ -136,8 +156,10 @@ def run_variant(layers, impl, args, peak_meas, peak_sheet, hbm):
 
 def breakdown(args, peak_meas):
   """fwd+bwd time of the parts of one layer (+ the head) at the benchmark's token count."""
+  import kernels_pallas as kp
   from hunyuan_jax.model.attention import flash_attention
-  from hunyuan_jax.model.moe import moe_ffn
+  from hunyuan_jax.model.layers import einsum_f32, swiglu
+  from hunyuan_jax.model.moe import moe_ffn, router_spec
   cfg = model_config(1, "auto", "bfloat16", "none")
   t, d, e, f = args.batch * args.seq, cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size[0]
   n, kv, hd, vocab = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
@@ -158,6 +180,23 @@ def breakdown(args, peak_meas):
     fl = 6 * t * 8 * 3 * d * f
     out[f"routed_moe_{impl}"] = {"ms": dt * 1e3, "tflops": fl / dt / 1e12}
 
+  # The routed MoE's pieces (fwd + bwd): the router alone, and the two gmms + SwiGLU alone on
+  # rows already sorted by expert; routed_moe_auto minus both = dispatch, combine and glue.
+  cfg = dataclasses.replace(cfg, moe_impl="auto")
+  def route_loss(x, wr):
+    r = kp.route(x, wr, None, router_spec(cfg, 8))
+    return jnp.sum(r.weights_tk ** 2)
+  dt = timed(jax.jit(jax.grad(route_loss, argnums=(0, 1))), x, wr, iters=3)
+  out["moe_router"] = {"ms": dt * 1e3, "tflops": 6 * t * d * e / dt / 1e12}
+  gs = jnp.asarray(np.random.default_rng(0).multinomial(t * 8, np.ones(e) / e), jnp.int32)
+  xs = jax.random.normal(ks[4], (t * 8, d), bf)
+  def experts_loss(xs, wi, wo):
+    h = kp.gmm(xs, wi.reshape(e, d, 2 * f), gs)
+    y = kp.gmm(swiglu(h.reshape(-1, 2, f)), wo, gs)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+  dt = timed(jax.jit(jax.grad(experts_loss, argnums=(0, 1, 2))), xs, wi, wo, iters=3)
+  out["moe_gmms_swiglu"] = {"ms": dt * 1e3, "tflops": 6 * t * 8 * 3 * d * f / dt / 1e12}
+
   def attn_loss(x, wq, wk, wv, wo_):
     q = jnp.einsum("td,dnh->tnh", x, wq)[None]
     k = jnp.einsum("td,dnh->tnh", x, wk)[None]
@@ -177,7 +216,7 @@ def breakdown(args, peak_meas):
   tgt = jnp.zeros((t,), jnp.int32)
 
   def head_loss(x, emb):
-    logits = jnp.einsum("td,vd->tv", x, emb, preferred_element_type=jnp.float32)
+    logits = einsum_f32("td,vd->tv", x, emb)   # as the model's head
     return jnp.sum(jax.nn.logsumexp(logits, -1) - logits[jnp.arange(t), tgt])
   dt = timed(jax.jit(jax.grad(head_loss, argnums=(0, 1))), x, emb, iters=5)
   out["lm_head_loss"] = {"ms": dt * 1e3, "tflops": 6 * t * d * vocab / dt / 1e12}
@@ -196,7 +235,9 @@ def main():
   p.add_argument("--ref_steps", type=int, default=2)
   p.add_argument("--state_dtype", default="bfloat16")
   p.add_argument("--remat", default="none")
-  p.add_argument("--impls", default="auto,reference")
+  p.add_argument("--impls", default="auto", help="moe_impl values, e.g. auto,reference")
+  p.add_argument("--microbatches", default="1,4",
+                 help="gradient-accumulation counts (each microbatch = --batch x --seq tokens)")
   p.add_argument("--no_breakdown", action="store_true")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   p.add_argument("--smoke", action="store_true", help="tiny dims, to check the script on CPU")
@@ -215,8 +256,9 @@ def main():
 
   layers = args.layers
   if not layers:   # the most layers the compiler says fit, from max_layers down
+    micro_max = max(int(a) for a in args.microbatches.split(","))
     for layers in range(args.max_layers, 0, -1):
-      _, _, _, _, need, cs = build_cached(layers, "auto", args)
+      _, _, _, _, need, cs = build_cached(layers, "auto", micro_max, args)
       print(f"layers {layers}: needs {need / 2**30:.1f} GiB (compile {cs:.0f} s)", flush=True)
       if need is None or need < 0.92 * hbm:
         break
@@ -230,12 +272,14 @@ def main():
     with open(os.path.join(args.out, "bench_train.json"), "w") as f:
       json.dump(report, f, indent=2, default=float)
 
-  for impl in args.impls.split(","):
+  variants = [(i, int(a)) for i in args.impls.split(",") for a in args.microbatches.split(",")]
+  for impl, micro in variants:
     try:
-      results.append(run_variant(layers, impl, args, peak_meas, peak_sheet, hbm))
+      results.append(run_variant(layers, impl, micro, args, peak_meas, peak_sheet, hbm))
     except Exception as e:  # e.g. out of memory for the reference ops: record and go on
-      print(f"[{impl}] failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
-      results.append({"impl": impl, "layers": layers, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+      print(f"[{impl} x{micro}] failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+      results.append({"impl": impl, "microbatches": micro, "layers": layers,
+                      "error": f"{type(e).__name__}: {str(e)[:400]}"})
     _BUILT.clear()
     jax.clear_caches()
     save()
@@ -244,15 +288,18 @@ def main():
   save()
   print(f"\n{dev.device_kind}, jax {jax.__version__}; A13B width, seq {args.seq} x batch {args.batch}, "
         f"state {args.state_dtype}; peak: measured {peak_meas:.0f}, datasheet {peak_sheet:.0f} TFLOP/s")
-  print("| moe_impl | layers | step (s) | tokens/s | model TFLOP/s | MFU (measured peak) | MFU (datasheet) |")
-  print("|---|---|---|---|---|---|---|")
+  print("| moe_impl | microbatches | layers | step (s) | optimizer update (s) | tokens/s | "
+        "model TFLOP/s | MFU (measured peak) | MFU (datasheet) |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in results:
     if "error" in r:
-      print(f"| {r['impl']} | {r['layers']} | failed: {r['error'][:60]} | | | | |")
+      print(f"| {r['impl']} | {r['microbatches']} | {r['layers']} | failed: {r['error'][:60]} |||||")
       continue
     sheet = f"{100 * r['mfu_datasheet']:.1f}%" if r["mfu_datasheet"] else "n/a"
-    print(f"| {r['impl']} | {r['layers']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
-          f"{r['achieved_tflops']:.0f} | {100 * r['mfu_measured_peak']:.1f}% | {sheet} |")
+    opt = f"{r['optimizer_update_s']:.3f}" if r["optimizer_update_s"] else "-"
+    print(f"| {r['impl']} | {r['microbatches']} | {r['layers']} | {r['step_s']:.3f} | {opt} | "
+          f"{r['tokens_per_s']:,.0f} | {r['achieved_tflops']:.0f} | "
+          f"{100 * r['mfu_measured_peak']:.1f}% | {sheet} |")
   for name, v in parts.items():
     print(f"part {name}: {v['ms']:.1f} ms, {v['tflops']:.0f} TFLOP/s "
           f"({100 * v['fraction_of_measured_peak']:.0f}% of measured peak)")

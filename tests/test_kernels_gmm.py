@@ -189,20 +189,20 @@ def test_gpu_tiling_selection():
   assert gpu.select_tiling(40, 128, 256, bf16) is None           # M under the row tile
   assert gpu.select_tiling(4096, 128, 256, jnp.float32) is None
   assert gpu.select_tiling(4096, 96, 256, bf16) is None          # K not a multiple of 64
-  # N = 128 (the dx form of K = 128: test_gpu_kernel[case2]'s ValueError on the H100) only
-  # gets the narrow tiling once it has run on a device.
-  assert (gpu.select_tiling(384, 256, 128, bf16) == gpu.NARROW) == gpu.NARROW_VERIFIED
-  assert gpu.select_tiling(384, 256, 128, bf16) in (None, gpu.NARROW)
+  # N = 128 (the dx form of K = 128) gets the narrow tiling, verified on the H100.
+  assert gpu.NARROW_VERIFIED and gpu.select_tiling(384, 256, 128, bf16) == gpu.NARROW
   for m, k, n in [(65536, 4096, 6144), (65536, 3072, 4096), (65536, 4096, 3072),
                   (65536, 1536, 4096), (256, 4096, 6144)]:   # the A13B and Hy3 shapes
     assert gpu.supports_all(m, k, n, bf16) == (True, "")
-  ok, why = gpu.supports_all(4096, 128, 256, bf16)   # tiny-config widths: dx form fails
+  ok, why = gpu.supports_all(4096, 64, 256, bf16)   # K = 64: the dx form's N' has no tiling
   assert not ok and "dx" in why
+  ok, why = gpu.supports_all(4096, 128, 256, bf16)  # dx tiles NARROW, tgmm^T does not
+  assert not ok and "tgmm" in why
   assert not gpu.supports_all(4096, 256, 384, bf16)[0]   # tgmm needs N % 256
 
 
 def test_forced_gpu_on_untileable_shape_names_the_fix():
-  x, w, _ = inputs(1, 384, 256, 128, 4, jnp.bfloat16)   # N = 128: no GPU tiling
+  x, w, _ = inputs(1, 384, 256, 64, 4, jnp.bfloat16)   # N = 64: no GPU tiling
   with pytest.raises(ValueError, match="backend='reference'"):
     kp.gmm(x, w, jnp.asarray([1, 2, 3, 4]), backend="gpu")
 
@@ -226,7 +226,7 @@ def test_gpu_kernel(case):
 def test_gpu_narrow_and_short_k():
   """K = 128 (2 k-steps, fewer than the pipeline's stages) and the N = 128 NARROW tiling.
 
-  When this passes on a device, set gpu.NARROW_VERIFIED = True so dispatch may use it.
+  Passed on the H100 (2026-11-23), hence gpu.NARROW_VERIFIED = True.
   """
   from kernels_pallas.gmm import gpu
   m, k, n, gs = 384, 128, 256, [1, 2, 3, 5, 8, 13, 21, 34]
