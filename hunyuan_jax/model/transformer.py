@@ -131,10 +131,13 @@ class Transformer(nn.Module):
   def embed_tokens(self, tokens_bt):
     return jnp.take(self.embed, tokens_bt, axis=0).astype(compute_dtype(self.cfg))
 
+  def head_weight(self):
+    """The output projection [H, V] (the embedding's transpose when tied)."""
+    return self.embed.T if self.cfg.tie_word_embeddings else self.lm_head
+
   def logits(self, h_btd):
     dt = compute_dtype(self.cfg)
-    w = self.embed.T if self.cfg.tie_word_embeddings else self.lm_head
-    return einsum_f32("btd,dv->btv", h_btd.astype(dt), w.astype(dt))
+    return einsum_f32("btd,dv->btv", h_btd.astype(dt), self.head_weight().astype(dt))
 
   def __call__(self, tokens_bt, positions_bt, cache: Optional[Cache] = None,
                segment_ids_bt=None, return_hidden_only: bool = False) -> ForwardOut:
@@ -173,9 +176,19 @@ class Transformer(nn.Module):
 # Pure functions over a params pytree
 # ---------------------------------------------------------------------------------------
 def forward(params, tokens_bt, positions_bt, cache: Optional[Cache] = None, *, cfg: ModelConfig,
-            segment_ids_bt=None) -> ForwardOut:
-  """The functional core: logits (and the updated cache when one is given)."""
-  return Transformer(cfg).apply({"params": params}, tokens_bt, positions_bt, cache, segment_ids_bt)
+            segment_ids_bt=None, return_hidden_only: bool = False) -> ForwardOut:
+  """The functional core: logits (and the updated cache when one is given).
+
+  `return_hidden_only` skips the head (logits None): the trainer's fused loss applies it.
+  """
+  return Transformer(cfg).apply({"params": params}, tokens_bt, positions_bt, cache, segment_ids_bt,
+                                return_hidden_only)
+
+
+def head_weight(params, *, cfg: ModelConfig) -> jax.Array:
+  """The output projection [H, V] in the compute dtype."""
+  w = Transformer(cfg).apply({"params": params}, method=Transformer.head_weight)
+  return w.astype(compute_dtype(cfg))
 
 
 def forward_mtp(params, hidden_btd, next_tokens_bt, positions_bt, *, cfg: ModelConfig,

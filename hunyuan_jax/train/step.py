@@ -19,9 +19,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.model import forward, forward_mtp, init_params
+from hunyuan_jax.model import forward, forward_mtp, head_weight, init_params
 from hunyuan_jax.model import moe_parallel
 from hunyuan_jax.sharding import batch_sharding, param_shardings
+from hunyuan_jax.train.cross_entropy import linear_cross_entropy
 from hunyuan_jax.train.run_config import MoETrainConfig
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -51,11 +52,10 @@ def loss_fn(params, batch: dict, num_tokens: jax.Array, *, cfg: ModelConfig, moe
             num_micro: int):
   """Token-summed cross-entropy / num_tokens (of the whole step) + aux losses / num_micro."""
   out = forward(params, batch["inputs"], batch["positions"], cfg=cfg,
-                segment_ids_bt=batch.get("segment_ids"))
-  logits = out.logits
-  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  nll_bt = jax.nn.logsumexp(logits, axis=-1) - target_logit
-  ce_sum = jnp.sum(nll_bt * batch["loss_mask"])
+                segment_ids_bt=batch.get("segment_ids"), return_hidden_only=True)
+  w_dv = head_weight(params, cfg=cfg)
+  ce_sum = linear_cross_entropy(out.hidden.reshape(-1, w_dv.shape[0]).astype(w_dv.dtype), w_dv,
+                                batch["targets"].reshape(-1), batch["loss_mask"].reshape(-1))
   m = moe_losses(out.moe_stats)
   aux = moe.aux_loss_weight * m["aux_loss"] + moe.z_loss_weight * m["z_loss"]
   if cfg.num_mtp_layers and moe.mtp_loss_weight > 0:
