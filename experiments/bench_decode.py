@@ -38,6 +38,7 @@ from hunyuan_jax.model import init_params
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve.engine import Engine, cache_bytes
 from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, sample
+from profile_util import print_top, top_kernels
 
 flags.DEFINE_string("config", "a13b", "preset")
 flags.DEFINE_integer("layers", 0, "decoder layers (0: as many as fit next to the largest cache)")
@@ -48,6 +49,7 @@ flags.DEFINE_integer("full_output_len", 14336, "Tencent's output length: sizes t
 flags.DEFINE_integer("kv_block", 256, "engine kv_block")
 flags.DEFINE_integer("timing_steps", 10, "timed repetitions of the decode step")
 flags.DEFINE_string("json_out", "", "write results here")
+flags.DEFINE_bool("profile", False, "print the top device kernels of the decode step at full context")
 FLAGS = flags.FLAGS
 
 
@@ -121,8 +123,11 @@ def head_time(params, cfg, b, steps) -> float:
   return time_fn(f, lambda: (params, toks), steps)
 
 
-def decode_step_time(eng: Engine, context: int, steps: int) -> float:
-  """The engine's jitted decode step with every slot at `context` tokens (state donated)."""
+def decode_step_time(eng: Engine, context: int, steps: int, profile: str = "") -> float:
+  """The engine's jitted decode step with every slot at `context` tokens (state donated).
+
+  `profile`: a title; prints the step's top device kernels from a profiler trace.
+  """
   b = eng.max_slots
   active = np.ones(b, bool)
   pos = np.full(b, context - 1, np.int32)
@@ -141,6 +146,8 @@ def decode_step_time(eng: Engine, context: int, steps: int) -> float:
     t = time.perf_counter()
     jax.block_until_ready(run())
     ts.append(time.perf_counter() - t)
+  if profile:
+    print_top(profile, top_kernels(run, iters=3))
   return float(np.median(ts))
 
 
@@ -208,7 +215,8 @@ def main(_):
     ttft, t_first, tok_s_run = engine_run(eng, b, FLAGS.input_len, FLAGS.output_len, cfg.vocab_size)
     ctx_lo, ctx_hi = FLAGS.input_len + 1, max_len
     t_lo = decode_step_time(eng, ctx_lo, FLAGS.timing_steps)
-    t_hi = decode_step_time(eng, ctx_hi, FLAGS.timing_steps)
+    t_hi = decode_step_time(eng, ctx_hi, FLAGS.timing_steps,
+                            profile=f"decode step, batch {b}, context {ctx_hi}" if FLAGS.profile else "")
     t_head = head_time(params, cfg, b, FLAGS.timing_steps)
     print(f"batch {b}: measured in {time.perf_counter() - t_stage:.0f} s (compiles included)", flush=True)
     ex = distinct_experts(cfg, b)

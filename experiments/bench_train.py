@@ -39,6 +39,7 @@ from hunyuan_jax.train.metrics import active_matmul_params, datasheet_tflops, fl
 from hunyuan_jax.train.optimizer import make_optimizer
 from hunyuan_jax.train.run_config import MoETrainConfig, OptimConfig
 from hunyuan_jax.train.step import abstract_state, fresh_state, jit_train_step, state_shardings
+from profile_util import print_top, top_kernels
 
 KEYS = ("inputs", "targets", "positions", "loss_mask")   # no segment ids: cuDNN causal attention
 
@@ -127,6 +128,12 @@ def run_variant(layers, impl, micro, args, peak_meas, peak_sheet, hbm):
     state, m = compiled(state, batch)
   loss = float(m["loss"])
   dt = (time.perf_counter() - t) / steps
+  if args.profile and micro == 1:
+    def one_step():
+      nonlocal state
+      state, m = compiled(state, batch)
+      return m
+    print_top(f"train step, {impl}, {layers} layers", top_kernels(one_step, iters=2, top=25))
   tokens_step = rows * args.seq
   flops = flops_per_token(cfg, args.seq) * tokens_step
   opt_s = None
@@ -240,6 +247,7 @@ def main():
                  help="gradient-accumulation counts (each microbatch = --batch x --seq tokens)")
   p.add_argument("--no_breakdown", action="store_true")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
+  p.add_argument("--profile", action="store_true", help="print the step's top device kernels")
   p.add_argument("--smoke", action="store_true", help="tiny dims, to check the script on CPU")
   args = p.parse_args()
   if args.smoke:
