@@ -167,6 +167,7 @@ def breakdown(args, peak_meas):
   from hunyuan_jax.model.attention import flash_attention
   from hunyuan_jax.model.layers import einsum_f32, swiglu
   from hunyuan_jax.model.moe import moe_ffn, router_spec
+  from hunyuan_jax.train.cross_entropy import linear_cross_entropy
   cfg = model_config(1, "auto", "bfloat16", "none")
   t, d, e, f = args.batch * args.seq, cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size[0]
   n, kv, hd, vocab = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
@@ -222,10 +223,14 @@ def breakdown(args, peak_meas):
   emb = jax.random.normal(ks[1], (vocab, d), bf) * 0.02
   tgt = jnp.zeros((t,), jnp.int32)
 
-  def head_loss(x, emb):
-    logits = einsum_f32("td,vd->tv", x, emb)   # as the model's head
+  def head_loss(x, emb):   # the unfused head (einsum_f32 logits)
+    logits = einsum_f32("td,vd->tv", x, emb)
     return jnp.sum(jax.nn.logsumexp(logits, -1) - logits[jnp.arange(t), tgt])
   dt = timed(jax.jit(jax.grad(head_loss, argnums=(0, 1))), x, emb, iters=5)
+  out["lm_head_loss_unfused"] = {"ms": dt * 1e3, "tflops": 6 * t * d * vocab / dt / 1e12}
+  ones = jnp.ones((t,), jnp.float32)
+  fused = lambda x, emb: linear_cross_entropy(x, emb.T, tgt, ones)   # as the train step
+  dt = timed(jax.jit(jax.grad(fused, argnums=(0, 1))), x, emb, iters=5)
   out["lm_head_loss"] = {"ms": dt * 1e3, "tflops": 6 * t * d * vocab / dt / 1e12}
   for v in out.values():
     v["fraction_of_measured_peak"] = v["tflops"] / peak_meas

@@ -191,6 +191,7 @@ def test_gpu_tiling_selection():
   assert gpu.select_tiling(4096, 96, 256, bf16) is None          # K not a multiple of 64
   # N = 128 (the dx form of K = 128) gets the narrow tiling, verified on the H100.
   assert gpu.NARROW_VERIFIED and gpu.select_tiling(384, 256, 128, bf16) == gpu.NARROW
+  assert gpu.select_tiling(64, 4096, 6144, bf16) == gpu.NARROW    # one tile of rows: decode b1
   for m, k, n in [(65536, 4096, 6144), (65536, 3072, 4096), (65536, 4096, 3072),
                   (65536, 1536, 4096), (256, 4096, 6144)]:   # the A13B and Hy3 shapes
     assert gpu.supports_all(m, k, n, bf16) == (True, "")
@@ -236,6 +237,8 @@ def test_gpu_narrow_and_short_k():
   assert_close(y, oracle(x, w, gs), 1e-2, "gmm K=128")
   dx = jax.jit(lambda dy, w: gpu.gmm(dy, w, gs_a, transpose_rhs=True, tiling=gpu.NARROW))(dy, w)
   assert_close(dx, oracle(dy, w, gs, transpose_rhs=True), 1e-2, "dx N=128 NARROW")
+  y = jax.jit(lambda x, w: gpu.gmm(x, w, gs_a, tiling=gpu.NARROW))(x, w)
+  assert_close(y, oracle(x, w, gs), 1e-2, "gmm NARROW")
   assert not np.any(np.asarray(dx, np.float32)[sum(gs):])
 
 
