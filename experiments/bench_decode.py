@@ -22,6 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+from hunyuan_jax.serve.xla_flags import use_decode_xla_flags  # noqa: E402
+
+use_decode_xla_flags()   # as the server and generate CLI do
 
 import dataclasses
 import gc

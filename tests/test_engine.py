@@ -5,6 +5,7 @@ max_len 128 with kv_block 64 gives two attention buckets, so both the sliced-pre
 full-cache decode paths run.
 """
 import functools
+import os
 import json
 
 import jax
@@ -190,3 +191,14 @@ def test_sharded_engine_matches_single_device():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["one"] == out["many"]
   assert "tensor" in out["cache_spec"] and "data" in out["cache_spec"]   # kv heads and slots are sharded
+
+
+def test_decode_xla_flags_keep_the_users_values(monkeypatch):
+  from hunyuan_jax.serve.xla_flags import DECODE_GPU_FLAGS, use_decode_xla_flags
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/x")
+  use_decode_xla_flags()
+  flags = os.environ["XLA_FLAGS"].split()
+  assert "--xla_gpu_enable_triton_gemm=true" in flags and "--xla_dump_to=/tmp/x" in flags
+  assert DECODE_GPU_FLAGS[0] in flags and len(flags) == 3
+  use_decode_xla_flags()
+  assert len(os.environ["XLA_FLAGS"].split()) == 3
