@@ -16,8 +16,7 @@ import jax.numpy as jnp
 
 from hunyuan_jax.config import LayerSpec, ModelConfig
 from hunyuan_jax.model.attention import KV, Attention, write_kv_rows
-from hunyuan_jax.model.layers import (RMSNorm, SwiGLU, compute_dtype, einsum_f32, param,
-                                     rope_cos_sin)
+from hunyuan_jax.model.layers import RMSNorm, SwiGLU, compute_dtype, param, rope_cos_sin
 from hunyuan_jax.model.moe import MoE, MoEStats
 
 Cache = dict  # {"groups_<i>": KV [repeats, B, n_kv, S, D]} for groups that own K/V
@@ -136,8 +135,13 @@ class Transformer(nn.Module):
     return self.embed.T if self.cfg.tie_word_embeddings else self.lm_head
 
   def logits(self, h_btd):
+    """fp32 logits rounded to the compute dtype first, as the reference does (`logits.float()`
+    on the bf16 lm_head output, HUNYUAN_SPEC 2.8). It also keeps the decode head a bf16 GEMV:
+    an fp32-output dot with cuBLAS at batch 1 upcast the 1 GB embedding every step (H100 run 5).
+    Training's loss applies the head itself, in fp32 (train/cross_entropy.py)."""
     dt = compute_dtype(self.cfg)
-    return einsum_f32("btd,dv->btv", h_btd.astype(dt), self.head_weight().astype(dt))
+    w = self.head_weight().astype(dt)
+    return jnp.einsum("btd,dv->btv", h_btd.astype(dt), w).astype(jnp.float32)
 
   def __call__(self, tokens_bt, positions_bt, cache: Optional[Cache] = None,
                segment_ids_bt=None, return_hidden_only: bool = False) -> ForwardOut:

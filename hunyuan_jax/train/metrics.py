@@ -101,4 +101,5 @@ def progress_line(step: int, total: int, m: dict, tokens_per_s: float, mfu: Opti
   mfu_s = f"{100 * mfu:5.1f}%" if mfu is not None else "  n/a"
   return (f"step {step:>6d}/{total} | loss {m['loss']:.4f} (mean {m['loss_window_mean']:.4f}) | aux {m['aux_loss']:.3f} | "
           f"z {m['z_loss']:.2f} | gnorm {m['grad_norm']:.3f} | lr {m['lr']:.2e} | "
-          f"{tokens_per_s:,.0f} tok/s | MFU {mfu_s} | {step_s:.3f} s/step")
+          f"{tokens_per_s:,.0f} tok/s | MFU {mfu_s} | " +
+          (f"{step_s:.3f} s/step" if step_s == step_s else "compiling"))

@@ -40,6 +40,10 @@ def maybe_initialize_distributed(timeout_s: int) -> bool:
   if "JAX_COORDINATOR_IP" in env:
     kwargs = dict(coordinator_address=f"{env['JAX_COORDINATOR_IP']}:{env.get('JAX_COORDINATOR_PORT', '1234')}",
                   num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["NODE_RANK"]))
+  elif "JAX_COORDINATOR_ADDRESS" in env and "JAX_NUM_PROCESSES" in env:
+    # jax.distributed.initialize does not read these two itself (cluster auto-detection aside)
+    kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
   elif not ("JAX_COORDINATOR_ADDRESS" in env
             or int(env.get("SLURM_NTASKS", "1")) > 1
             or "," in env.get("TPU_WORKER_HOSTNAMES", "")
@@ -156,7 +160,8 @@ def train(run: RunConfig, log: Callable[[str], None] = print) -> dict:
         # Packed batches differ a lot in difficulty: print the window's mean loss too.
         scalars["loss_window_mean"] = np.mean([losses[s] for s in range(step + 2 - run.log_every, step + 2)
                                                if s in losses])
-        scalars.update({"perf/tokens_per_s": tok_s, "perf/step_time_s": dt})
+        if window_steps:   # none yet when only the compiling first step is in the window
+          scalars.update({"perf/tokens_per_s": tok_s, "perf/step_time_s": dt})
         if mfu is not None:
           scalars["perf/mfu"] = mfu
         logger.scalars(step + 1, scalars, np.asarray(m["load"]))
