@@ -11,7 +11,7 @@ Per-layer time = (step - head) / layers, where head = embed + final norm + logit
 alone; the 32-layer figure is head + 32 x per-layer. Tokens/s for the whole 2048 -> 16384 run uses
 the mean of the two step times (step time is linear in KV length).
 
-  python experiments/bench_decode.py                     # GPU, A13B, batches 1/16/32
+  python experiments/bench_decode.py [--profile]         # GPU, A13B, batches 1/16/32; top kernels
   python experiments/bench_decode.py --config=tiny --layers=2 --batches=1,2 --input_len=32 \
       --output_len=8 --full_output_len=24 --timing_steps=3    # CPU smoke run
 """

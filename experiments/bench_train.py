@@ -4,15 +4,16 @@ Model: hidden 4096, 32/8 heads x 128, 64 experts x 3072 top-8 + a 3072 shared ex
 seq 4096, as many layers as fit with the optimizer state (`--layers=0`: the most that the
 compiler's memory analysis says fit). bf16 compute; params and Adam moments in `--state_dtype`
 (bf16 by default: fp32 master weights + fp32 Adam need 16 B/param, so a 2.5 B-param layer of
-this width would leave room for one layer only). Variants: the default kernels dispatch
-(`moe_impl=auto`) and the forced jnp reference ops (`moe_impl=reference`).
+this width would leave room for one layer only). Variants: `--impls` (the kernels' dispatch
+`auto`, or `reference` for the jnp ops) x `--microbatches` (gradient accumulation: the optimizer
+update, timed alone too, is paid once per step). `--profile` prints the step's top GPU kernels.
 
 MFU = 6 x active params x tokens + causal attention FLOPs, over step time x peak, with peak =
 the dense bf16 matmul rate measured in this run, and the 989 TFLOP/s H100 datasheet.
 A per-part breakdown (routed MoE FFN, attention block, lm_head + loss; fwd + bwd) says which
 part limits. Writes bench_train.json to --out (default $OUT) and prints a table last.
 
-    python experiments/bench_train.py --steps=5
+    python experiments/bench_train.py --steps=5 --microbatches=1,4 --profile
 """
 from __future__ import annotations
 
