@@ -90,11 +90,10 @@ def take_rows(x_nd: jax.Array, perm_m: jax.Array, inverse_m: jax.Array, fan_out:
 
 
 def _take_rows_fwd(x_nd, perm_m, inverse_m, fan_out):
-  return take_rows(x_nd, perm_m, inverse_m, fan_out), (perm_m, inverse_m)
+  return take_rows(x_nd, perm_m, inverse_m, fan_out), inverse_m
 
 
-def _take_rows_bwd(fan_out, res, g_md):
-  _, inverse_m = res
+def _take_rows_bwd(fan_out, inverse_m, g_md):
   g = jnp.take(g_md, inverse_m, axis=0)
   if fan_out > 1:
     g = jnp.sum(g.reshape(-1, fan_out, g.shape[-1]).astype(jnp.float32), axis=1).astype(g_md.dtype)
