@@ -5,7 +5,8 @@ as many layers as fit one device next to a batch x (input + output)-token cache)
   * time to first token: one 2048-token prompt, chunked prefill, after a warm-up request;
   * a real engine run of --output_len tokens for every slot (host loop included): tokens/s;
   * the engine's jitted decode step alone at context = input_len and = input + output (full
-    cache): step time, and the roofline = (weight bytes read + KV bytes read) / copy bandwidth
+    cache): step time with the steps dispatched back to back as the engine's loop runs them (the
+    time of one step waited for alone, host dispatch included, is printed too), and the roofline = (weight bytes read + KV bytes read) / copy bandwidth
     measured in the same run. Weight bytes count the distinct experts the step's tokens route to.
 Per-layer time = (step - head) / layers, where head = embed + final norm + logits + sampling timed
 alone; the 32-layer figure is head + 32 x per-layer. Tokens/s for the whole 2048 -> 16384 run uses
@@ -22,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
-from hunyuan_jax.serve.xla_flags import use_decode_xla_flags  # noqa: E402
+from hunyuan_jax.xla_flags import use_decode_xla_flags  # noqa: E402
 
 use_decode_xla_flags()   # as the server and generate CLI do
 
@@ -53,6 +54,7 @@ flags.DEFINE_integer("kv_block", 256, "engine kv_block")
 flags.DEFINE_integer("timing_steps", 10, "timed repetitions of the decode step")
 flags.DEFINE_string("json_out", "", "write results here")
 flags.DEFINE_bool("profile", False, "print the top device kernels of the decode step at full context")
+flags.DEFINE_integer("profile_top", 15, "kernels listed by --profile")
 FLAGS = flags.FLAGS
 
 
@@ -100,15 +102,15 @@ def distinct_experts(cfg, b) -> float:
 
 
 def time_fn(fn, args_fn, steps):
+  """Seconds per call with `steps` calls dispatched back to back (as the engine's loop runs)."""
   out = fn(*args_fn())
   jax.block_until_ready(out)
-  ts = []
-  for _ in range(steps):
-    a = args_fn()
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*a))
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts))
+  args = [args_fn() for _ in range(steps)]
+  t = time.perf_counter()
+  for a in args:
+    out = fn(*a)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / steps
 
 
 def head_time(params, cfg, b, steps) -> float:
@@ -126,10 +128,13 @@ def head_time(params, cfg, b, steps) -> float:
   return time_fn(f, lambda: (params, toks), steps)
 
 
-def decode_step_time(eng: Engine, context: int, steps: int, profile: str = "") -> float:
+def decode_step_time(eng: Engine, context: int, steps: int, profile: str = "") -> tuple[float, float]:
   """The engine's jitted decode step with every slot at `context` tokens (state donated).
 
-  `profile`: a title; prints the step's top device kernels from a profiler trace.
+  Returns (pipelined, synchronous) seconds per step: `steps` steps dispatched back to back, as
+  the engine runs them (it dispatches step n+1 before it reads step n's tokens, so the host's
+  dispatch overlaps the device), and the median of single steps each waited for (host dispatch
+  included: the latency of one step). `profile`: a title; prints the step's top device kernels.
   """
   b = eng.max_slots
   active = np.ones(b, bool)
@@ -149,9 +154,14 @@ def decode_step_time(eng: Engine, context: int, steps: int, profile: str = "") -
     t = time.perf_counter()
     jax.block_until_ready(run())
     ts.append(time.perf_counter() - t)
+  t = time.perf_counter()
+  for _ in range(steps):
+    out = run()
+  jax.block_until_ready(out)
+  pipelined = (time.perf_counter() - t) / steps
   if profile:
-    print_top(profile, top_kernels(run, iters=3))
-  return float(np.median(ts))
+    print_top(profile, top_kernels(run, iters=3, top=FLAGS.profile_top))
+  return pipelined, float(np.median(ts))
 
 
 def engine_run(eng: Engine, b: int, input_len: int, output_len: int, vocab: int):
@@ -226,13 +236,14 @@ def main(_):
     w_layer, w_head = layer_weight_bytes(params, cfg, ex)
     row = dict(batch=b, layers=n_layers, cache_gib=cache_bytes(eng.cache) / 2**30, ttft_s=ttft,
                first_tokens_all_s=t_first, engine_tok_s=tok_s_run, distinct_experts=ex, head_ms=t_head * 1e3)
-    for name, ctx, t in (("lo", ctx_lo, t_lo), ("hi", ctx_hi, t_hi)):
+    for name, ctx, (t, t_sync) in (("lo", ctx_lo, t_lo), ("hi", ctx_hi, t_hi)):
       kv = b * ctx * kv_row
       roof = (w_head + n_layers * w_layer + kv) / bw
       per_layer = (t - t_head) / n_layers
       t32 = t_head + 32 * per_layer
       roof32 = (w_head + 32 * w_layer + b * ctx * full_kv_row) / bw
-      row.update({f"step_ms_{name}": t * 1e3, f"roof_ms_{name}": roof * 1e3, f"frac_{name}": roof / t,
+      row.update({f"step_ms_{name}": t * 1e3, f"sync_step_ms_{name}": t_sync * 1e3,
+                  f"roof_ms_{name}": roof * 1e3, f"frac_{name}": roof / t,
                   f"per_layer_ms_{name}": per_layer * 1e3, f"step32_ms_{name}": t32 * 1e3,
                   f"frac32_{name}": roof32 / t32, f"ctx_{name}": ctx})
     mean32 = (row["step32_ms_lo"] + row["step32_ms_hi"]) / 2e3
@@ -243,14 +254,15 @@ def main(_):
     gc.collect()
   print(f"\n| batch | TTFT {FLAGS.input_len} (s) | engine tok/s ({n_layers}L, ctx {FLAGS.input_len}+{FLAGS.output_len}) "
         f"| step ms @{FLAGS.input_len + 1} / roofline / frac | step ms @{max_len} / roofline / frac "
-        f"| per-layer ms lo/hi | 32L step ms lo/hi | 32L frac lo/hi | 32L tok/s (2048->16384) |")
-  print("|" + "---|" * 9)
+        f"| per-layer ms lo/hi | 32L step ms lo/hi | 32L frac lo/hi | 32L tok/s (2048->16384) "
+        f"| one step waited for, ms lo/hi |")
+  print("|" + "---|" * 10)
   for r in rows:
     print(f"| {r['batch']} | {r['ttft_s']:.3f} | {r['engine_tok_s']:.1f} | {r['step_ms_lo']:.2f} / "
           f"{r['roof_ms_lo']:.2f} / {r['frac_lo']:.0%} | {r['step_ms_hi']:.2f} / {r['roof_ms_hi']:.2f} / "
           f"{r['frac_hi']:.0%} | {r['per_layer_ms_lo']:.3f} / {r['per_layer_ms_hi']:.3f} | "
           f"{r['step32_ms_lo']:.1f} / {r['step32_ms_hi']:.1f} | {r['frac32_lo']:.0%} / {r['frac32_hi']:.0%} | "
-          f"{r['tencent_tok_s_32l']:.1f} |")
+          f"{r['tencent_tok_s_32l']:.1f} | {r['sync_step_ms_lo']:.2f} / {r['sync_step_ms_hi']:.2f} |")
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump(dict(device=dev.device_kind, jax=jax.__version__, copy_bw=bw, rows=rows), f, indent=1)

@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import kernels_pallas as kp  # noqa: E402
 from kernels_pallas.gmm import gpu as gmm_gpu  # noqa: E402
+from profile_util import print_top, top_kernels  # noqa: E402
 
 SHAPES = {   # name: (M rows, K, N, experts)
     "a13b_up": (65536, 4096, 6144, 64),
@@ -263,7 +264,7 @@ def stage_decode():
   RESULTS[sec]["weight_bytes"] = wbytes
 
 
-def stage_router():
+def stage_router(profile=False):
   t, d, e = 65536, 4096, 64
   spec = kp.RouterSpec(top_k=8)
   x = jax.random.normal(jax.random.key(3), (t, d), jnp.bfloat16)
@@ -273,6 +274,8 @@ def stage_router():
     f = jax.jit(lambda x, w, b=b: kp.route(x, w, None, spec, backend=b))
     out[b] = f(x, w)
     row("router", f"route {b}", timeit(f, x, w, iters=20), nbytes=x.nbytes)
+    if profile:
+      print_top(f"route {b}", top_kernels(f, x, w, iters=5, top=20))
   xs = np.asarray(x[:256], np.float64) @ np.asarray(w, np.float64)
   from kernels_pallas.router.split import logits_fp32
   for name, lg in [("split", logits_fp32(x[:256], w)),
@@ -292,16 +295,18 @@ def main():
   ap.add_argument("--only", default="check,ceil,gmm,decode,router")
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--variants", action="store_true")
+  ap.add_argument("--profile", action="store_true", help="top device kernels of the router")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args()
   stages = args.only.split(",")
+  os.makedirs(args.out, exist_ok=True)
   dev = jax.devices()[0]
   RESULTS["env"] = dict(device=str(dev.device_kind), jax=jax.__version__,
                         sms=getattr(dev, "core_count", None), argv=sys.argv)
   print(f"device {dev.device_kind}, jax {jax.__version__}, SMs {RESULTS['env']['sms']}")
   for st, fn in [("check", stage_check), ("ceil", stage_ceilings),
                  ("gmm", lambda: stage_gmm(args.shapes.split(","), args.variants)),
-                 ("decode", stage_decode), ("router", stage_router)]:
+                 ("decode", stage_decode), ("router", lambda: stage_router(args.profile))]:
     if st in stages:
       try:
         fn()

@@ -13,7 +13,7 @@ the dense bf16 matmul rate measured in this run, and the 989 TFLOP/s H100 datash
 A per-part breakdown (routed MoE FFN, attention block, lm_head + loss; fwd + bwd) says which
 part limits. Writes bench_train.json to --out (default $OUT) and prints a table last.
 
-    python experiments/bench_train.py --steps=5 --microbatches=1,4 --profile
+    python experiments/bench_train.py --layers=2 --steps=3 --microbatches=1,8,16 [--profile]
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hunyuan_jax.xla_flags import use_train_xla_flags  # noqa: E402
+
+use_train_xla_flags()   # as `python -m hunyuan_jax.train` does
 
 import jax
 import jax.numpy as jnp
@@ -129,12 +132,12 @@ def run_variant(layers, impl, micro, args, peak_meas, peak_sheet, hbm):
     state, m = compiled(state, batch)
   loss = float(m["loss"])
   dt = (time.perf_counter() - t) / steps
-  if args.profile and micro == 1:
+  if args.profile:
     def one_step():
       nonlocal state
       state, m = compiled(state, batch)
       return m
-    print_top(f"train step, {impl}, {layers} layers", top_kernels(one_step, iters=2, top=25))
+    print_top(f"train step, {impl}, {layers} layers, {micro} microbatches", top_kernels(one_step, iters=2, top=args.profile_top))
   tokens_step = rows * args.seq
   flops = flops_per_token(cfg, args.seq) * tokens_step
   opt_s = None
@@ -230,7 +233,7 @@ def breakdown(args, peak_meas):
   dt = timed(jax.jit(jax.grad(head_loss, argnums=(0, 1))), x, emb, iters=5)
   out["lm_head_loss_unfused"] = {"ms": dt * 1e3, "tflops": 6 * t * d * vocab / dt / 1e12}
   ones = jnp.ones((t,), jnp.float32)
-  fused = lambda x, emb: linear_cross_entropy(x, emb.T, tgt, ones)   # as the train step
+  fused = lambda x, emb: linear_cross_entropy(x, emb, tgt, ones)   # as the train step
   dt = timed(jax.jit(jax.grad(fused, argnums=(0, 1))), x, emb, iters=5)
   out["lm_head_loss"] = {"ms": dt * 1e3, "tflops": 6 * t * d * vocab / dt / 1e12}
   for v in out.values():
@@ -249,11 +252,12 @@ def main():
   p.add_argument("--state_dtype", default="bfloat16")
   p.add_argument("--remat", default="none")
   p.add_argument("--impls", default="auto", help="moe_impl values, e.g. auto,reference")
-  p.add_argument("--microbatches", default="1,4",
+  p.add_argument("--microbatches", default="1,8,16",
                  help="gradient-accumulation counts (each microbatch = --batch x --seq tokens)")
   p.add_argument("--no_breakdown", action="store_true")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
-  p.add_argument("--profile", action="store_true", help="print the step's top device kernels")
+  p.add_argument("--profile", action="store_true", help="print each variant's top device kernels")
+  p.add_argument("--profile_top", type=int, default=25, help="kernels listed by --profile")
   p.add_argument("--smoke", action="store_true", help="tiny dims, to check the script on CPU")
   args = p.parse_args()
   if args.smoke:

@@ -4,6 +4,6 @@ Standalone: imports nothing from hunyuan_jax. Each public op picks a backend fro
 platform and falls back to its pure-jnp reference where no kernel applies.
 """
 from kernels_pallas.gmm import gmm, tgmm
-from kernels_pallas.router import RouterSpec, Routing, route
+from kernels_pallas.router import RouterSpec, Routing, expert_order, inverse_permutation, route
 
-__all__ = ["gmm", "tgmm", "route", "RouterSpec", "Routing"]
+__all__ = ["gmm", "tgmm", "route", "RouterSpec", "Routing", "expert_order", "inverse_permutation"]

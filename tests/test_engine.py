@@ -193,8 +193,9 @@ def test_sharded_engine_matches_single_device():
   assert "tensor" in out["cache_spec"] and "data" in out["cache_spec"]   # kv heads and slots are sharded
 
 
-def test_decode_xla_flags_keep_the_users_values(monkeypatch):
-  from hunyuan_jax.serve.xla_flags import DECODE_GPU_FLAGS, use_decode_xla_flags
+def test_xla_flags_keep_the_users_values(monkeypatch):
+  from hunyuan_jax.xla_flags import (DECODE_GPU_FLAGS, TRAIN_GPU_FLAGS, use_decode_xla_flags,
+                                     use_train_xla_flags)
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/x")
   use_decode_xla_flags()
   flags = os.environ["XLA_FLAGS"].split()
@@ -202,3 +203,5 @@ def test_decode_xla_flags_keep_the_users_values(monkeypatch):
   assert DECODE_GPU_FLAGS[0] in flags and len(flags) == 3
   use_decode_xla_flags()
   assert len(os.environ["XLA_FLAGS"].split()) == 3
+  use_train_xla_flags()
+  assert os.environ["XLA_FLAGS"].split()[3:] == list(TRAIN_GPU_FLAGS)

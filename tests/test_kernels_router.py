@@ -94,3 +94,12 @@ def test_bad_top_k_names_the_fix():
   x, w, _ = inputs(0, 4, 8, 4, jnp.float32, False)
   with pytest.raises(ValueError, match="top_k"):
     kp.route(x, w, None, RouterSpec(top_k=5))
+
+
+@pytest.mark.parametrize("method", ["key_sort", "argsort"])
+def test_expert_order_methods_are_the_stable_argsort(method):
+  experts = np.random.default_rng(4).integers(0, 7, 300).astype(np.int32)
+  got = kp.expert_order(jnp.asarray(experts), 7, method)
+  np.testing.assert_array_equal(np.asarray(got), np.argsort(experts, kind="stable"))
+  inv = np.asarray(kp.inverse_permutation(got))
+  np.testing.assert_array_equal(inv[np.asarray(got)], np.arange(300))

@@ -112,12 +112,12 @@ def test_linear_cross_entropy_matches_the_plain_loss():
   rng = np.random.default_rng(0)
   t, d, v = 10, 16, 300                      # V not a multiple of 128, T not of the chunk
   h = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((d, v)) * 0.3, jnp.float32)
+  w = jnp.asarray(rng.standard_normal((v, d)) * 0.3, jnp.float32)   # vocabulary-major
   tgt = jnp.asarray(rng.integers(0, v, t), jnp.int32)
   wt = jnp.asarray(rng.integers(0, 2, t), jnp.float32)
 
   def plain(h, w):
-    logits = h @ w
+    logits = h @ w.T
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tgt[:, None], -1)[:, 0]
     return jnp.sum(nll * wt)
   fused = lambda h, w: 0.5 * linear_cross_entropy(h, w, tgt, wt, 4)
@@ -132,3 +132,12 @@ def test_linear_cross_entropy_matches_the_plain_loss():
   for a, b in zip(g16, g32):
     assert a.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.02, atol=0.02)
+
+
+def test_every_train_preset_loads():
+  import glob
+  paths = glob.glob(os.path.join(ROOT, "configs", "train_*.json"))
+  assert len(paths) >= 2
+  for path in paths:
+    run = load_run_config(path, [])
+    assert run.batch_size % run.grad_accum == 0, path

@@ -8,7 +8,7 @@ output slice reading one source tensor at a time. Export rules are the inverse f
 
     params path                        HF name (hub layout)                      transform
     embed [V, H]                       model.embed_tokens.weight [V, H]          as is
-    lm_head [H, V] (untied only)       lm_head.weight [V, H]                     .T
+    lm_head [V, H] (untied only)       lm_head.weight [V, H]                     as is
     groups_g/layer_j/attn/q [H, n, D]  model.layers.i.self_attn.q_proj [nD, H]   .T, split heads
     .../attn/o [n, D, H]               self_attn.o_proj [H, nD]                  .T, split heads
     .../moe/wi [E, H, 2, F]            mlp.experts.e.{gate,up}_proj [F, H]       .T, stack (0 = gate)
@@ -229,7 +229,7 @@ def import_alternatives(cfg: ModelConfig, sl: Slice) -> list[Alternative]:
     if key == "final_norm/scale":
       return _as_is(["model.norm.weight"], sl.shape)
     if key == "lm_head":
-      return _linear("lm_head.weight", (cfg.vocab_size, h), sl.shape)
+      return _as_is(["lm_head.weight"], sl.shape)
   raise KeyError(f"no HF name rule for param {path_str(sl.path)!r}")
 
 
@@ -267,9 +267,8 @@ def export_tensors(cfg: ModelConfig, sl: Slice, layout: str) -> Export:
   hy3 = cfg.family == "hy3"
   key = "/".join(sl.rel)
   if sl.scope == "top":
-    if key == "lm_head":
-      return [("lm_head.weight", (cfg.vocab_size, h), lambda x: x.T)]
-    name = {"embed": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight"}[key]
+    name = {"embed": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight",
+            "lm_head": "lm_head.weight"}[key]
     return [(name, sl.shape, lambda x: x)]
   p = f"model.layers.{sl.layer}."
   if sl.scope == "mtp":

@@ -109,8 +109,8 @@ def _local_groups(experts_tk: jax.Array, expert_offset, num_local: int):
   Assignments to other experts sort last, past sum(group_sizes), where gmm gives 0.
   """
   local_m = experts_tk.reshape(-1) - expert_offset
-  key_m = jnp.where((local_m >= 0) & (local_m < num_local), local_m, num_local)
-  sort_idx = jnp.argsort(key_m, stable=True).astype(jnp.int32)
+  key_m = jnp.where((local_m >= 0) & (local_m < num_local), local_m, num_local).astype(jnp.int32)
+  sort_idx = kp.expert_order(key_m, num_local + 1)
   group_sizes = jnp.bincount(key_m, length=num_local + 1)[:num_local].astype(jnp.int32)
   return sort_idx, group_sizes
 
@@ -144,7 +144,7 @@ def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array]
   if not cfg.moe_fp32_combine:
     weights_tk = weights_tk.astype(dtype).astype(jnp.float32)
   backend = None if cfg.moe_impl == "auto" else cfg.moe_impl   # e.g. "reference" to force jnp ops
-  inverse = jnp.argsort(sort_idx).astype(jnp.int32)
+  inverse = kp.inverse_permutation(sort_idx)
   x_sorted_md = take_rows(x_td.astype(dtype), sort_idx, inverse, top_k)
   h_mf2 = kp.gmm(x_sorted_md, wi_edkf.astype(dtype).reshape(e_local, d, 2 * f), group_sizes,
                  backend=backend)

@@ -118,8 +118,8 @@ class Transformer(nn.Module):
     self.embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt,
                        init=nn.initializers.normal(0.02))
     if not cfg.tie_word_embeddings:
-      self.lm_head = param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                           pdt, fan_in=cfg.hidden_size)
+      self.lm_head = param(self, "lm_head", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                           pdt, fan_in=cfg.hidden_size)   # vocabulary-major, as HF stores it
     self.groups = [
         _scanned_unit(cfg, repeats)(cfg, pattern, name=f"groups_{i}")
         for i, (pattern, repeats) in enumerate(cfg.layer_groups())
@@ -131,8 +131,8 @@ class Transformer(nn.Module):
     return jnp.take(self.embed, tokens_bt, axis=0).astype(compute_dtype(self.cfg))
 
   def head_weight(self):
-    """The output projection [H, V] (the embedding's transpose when tied)."""
-    return self.embed.T if self.cfg.tie_word_embeddings else self.lm_head
+    """The output projection, vocabulary-major [V, H] (the embedding itself when tied)."""
+    return self.embed if self.cfg.tie_word_embeddings else self.lm_head
 
   def logits(self, h_btd):
     """fp32 logits rounded to the compute dtype first, as the reference does (`logits.float()`
@@ -141,7 +141,7 @@ class Transformer(nn.Module):
     Training's loss applies the head itself, in fp32 (train/cross_entropy.py)."""
     dt = compute_dtype(self.cfg)
     w = self.head_weight().astype(dt)
-    return jnp.einsum("btd,dv->btv", h_btd.astype(dt), w).astype(jnp.float32)
+    return jnp.einsum("btd,vd->btv", h_btd.astype(dt), w).astype(jnp.float32)
 
   def __call__(self, tokens_bt, positions_bt, cache: Optional[Cache] = None,
                segment_ids_bt=None, return_hidden_only: bool = False) -> ForwardOut:
@@ -190,7 +190,7 @@ def forward(params, tokens_bt, positions_bt, cache: Optional[Cache] = None, *, c
 
 
 def head_weight(params, *, cfg: ModelConfig) -> jax.Array:
-  """The output projection [H, V] in the compute dtype."""
+  """The output projection [V, H] in the compute dtype."""
   w = Transformer(cfg).apply({"params": params}, method=Transformer.head_weight)
   return w.astype(compute_dtype(cfg))
 

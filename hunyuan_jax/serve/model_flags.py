@@ -20,7 +20,7 @@ def define_model_flags() -> None:
 
 def load_from_flags():
   """-> (mesh, cfg, params, tokenizer) as the flags describe."""
-  from hunyuan_jax.serve.xla_flags import use_decode_xla_flags
+  from hunyuan_jax.xla_flags import use_decode_xla_flags
   use_decode_xla_flags()   # before the backend starts (make_mesh_for_serving starts it)
   from hunyuan_jax.serve.loader import load_model, load_tokenizer_for, make_mesh_for_serving
   mesh = make_mesh_for_serving(FLAGS.tensor, FLAGS.expert)

@@ -37,6 +37,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; fields are set with --config.<field>=value")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   from hunyuan_jax.train.trainer import maybe_initialize_distributed
+  from hunyuan_jax.xla_flags import use_train_xla_flags
+  use_train_xla_flags()   # before the backend starts
   overrides = list(_PARSED["overrides"])
   for flag, key in (("run_dir", "run_dir"), ("data", "data.path"), ("steps", "steps")):
     if flags.FLAGS[flag].value is not None:

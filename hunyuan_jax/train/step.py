@@ -53,8 +53,8 @@ def loss_fn(params, batch: dict, num_tokens: jax.Array, *, cfg: ModelConfig, moe
   """Token-summed cross-entropy / num_tokens (of the whole step) + aux losses / num_micro."""
   out = forward(params, batch["inputs"], batch["positions"], cfg=cfg,
                 segment_ids_bt=batch.get("segment_ids"), return_hidden_only=True)
-  w_dv = head_weight(params, cfg=cfg)
-  ce_sum = linear_cross_entropy(out.hidden.reshape(-1, w_dv.shape[0]).astype(w_dv.dtype), w_dv,
+  w_vd = head_weight(params, cfg=cfg)
+  ce_sum = linear_cross_entropy(out.hidden.reshape(-1, w_vd.shape[1]).astype(w_vd.dtype), w_vd,
                                 batch["targets"].reshape(-1), batch["loss_mask"].reshape(-1))
   m = moe_losses(out.moe_stats)
   aux = moe.aux_loss_weight * m["aux_loss"] + moe.z_loss_weight * m["z_loss"]

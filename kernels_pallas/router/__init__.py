@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import _dispatch
-from kernels_pallas.router.reference import RouterSpec, Routing, route_reference
+from kernels_pallas.router.reference import (RouterSpec, Routing, expert_order, inverse_permutation,
+                                             route_reference)
 from kernels_pallas.router.split import route_split
 
 BACKENDS = ("reference", "split")
@@ -33,4 +34,4 @@ def route(x_td, w_gate_de, bias_e: Optional[jax.Array], spec: RouterSpec, *,
   return impl(x_td, w_gate_de, bias_e, spec)
 
 
-__all__ = ["route", "RouterSpec", "Routing", "BACKENDS"]
+__all__ = ["route", "RouterSpec", "Routing", "BACKENDS", "expert_order", "inverse_permutation"]

@@ -30,6 +30,25 @@ class Routing(NamedTuple):
   z_loss: jax.Array          # f32 []: mean over tokens of logsumexp(logits)^2
 
 
+def expert_order(experts_m: jax.Array, num_experts: int, method: str = "auto") -> jax.Array:
+  """Stable argsort of the flat expert ids: assignment ids in expert order."""
+  num_slots = experts_m.shape[0]
+  if method == "auto":
+    method = "key_sort" if num_experts * num_slots < 2**31 else "argsort"
+  if method == "argsort":
+    return jnp.argsort(experts_m, stable=True).astype(jnp.int32)
+  # One sort of 32-bit keys, expert-major and slot-minor: unique, so the order is stable.
+  keys_m = experts_m * num_slots + jnp.arange(num_slots, dtype=jnp.int32)
+  return jax.lax.sort(keys_m) % num_slots
+
+
+def inverse_permutation(perm_m: jax.Array) -> jax.Array:
+  """inv[perm[m]] = m: one scatter with unique indices (no atomics), not a second sort."""
+  m = perm_m.shape[0]
+  return jnp.zeros((m,), jnp.int32).at[perm_m].set(jnp.arange(m, dtype=jnp.int32),
+                                                   unique_indices=True)
+
+
 def route_reference(x_td, w_gate_de, bias_e: Optional[jax.Array], spec: RouterSpec) -> Routing:
   """fp32 logits -> scores -> top-k (selection may add bias_e) -> weights, sort, stats."""
   logits_te = jnp.dot(x_td.astype(jnp.float32), w_gate_de.astype(jnp.float32),
@@ -59,13 +78,7 @@ def route_from_logits(logits_te, bias_e: Optional[jax.Array], spec: RouterSpec) 
   weights_tk = weights_tk * spec.scale
   experts_tk = experts_tk.astype(jnp.int32)
   num_slots = num_tokens * spec.top_k
-  flat_m = experts_tk.reshape(-1)
-  if num_experts * num_slots < 2**31:
-    # One key sort (expert-major, slot-minor keys are unique) is a stable argsort, and cheaper.
-    keys_m = jax.lax.sort(flat_m * num_slots + jnp.arange(num_slots, dtype=jnp.int32))
-    sort_idx_m = keys_m % num_slots
-  else:
-    sort_idx_m = jnp.argsort(flat_m, stable=True)
+  sort_idx_m = expert_order(experts_tk.reshape(-1), num_experts)
   onehot_tke = experts_tk[..., None] == jnp.arange(num_experts, dtype=jnp.int32)
   group_sizes_e = jnp.sum(onehot_tke, axis=(0, 1), dtype=jnp.int32)
   expert_frac_e = group_sizes_e.astype(jnp.float32) / num_slots
