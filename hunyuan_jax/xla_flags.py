@@ -1,5 +1,7 @@
 """XLA flags for the GPU train and decode programs, set before the backend starts (XLA reads
 XLA_FLAGS once). Each was measured on the H100 (WORKSPACE_NOTES.md); on CPU they do nothing.
+XLA aborts on a flag it does not know: jaxlib 0.10.2 and 0.11.2 know these (setup.cfg asks for
+jax >= 0.10.2).
 
 Decode: the step slices each layer's K/V out of the stacked cache inside the layer scan, and XLA
 copied every slice (a MemcpyD2D of the whole cache per step: 8.5 ms of a 31 ms batch-32 step at
