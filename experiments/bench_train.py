@@ -113,6 +113,9 @@ def build_cached(layers, impl, micro, args):
 
 def run_variant(layers, impl, micro, args, peak_meas, peak_sheet, hbm):
   cfg, compiled, tx, sh, need, compile_s = build_cached(layers, impl, micro, args)
+  if args.dump_hlo:   # the optimized HLO, to read what a profiled fusion computes
+    with open(os.path.join(args.out, f"train_step_{impl}_x{micro}.hlo.txt"), "w") as f:
+      f.write(compiled.as_text())
   print(f"[{impl} x{micro}] layers {layers}: compiled in {compile_s:.0f} s, needs "
         f"{need / 2**30 if need else float('nan'):.1f} GiB of {hbm / 2**30:.1f}", flush=True)
   state = jax.jit(lambda r: fresh_state(cfg, tx, r), out_shardings=sh)(jax.random.key(0))
@@ -258,6 +261,7 @@ def main():
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   p.add_argument("--profile", action="store_true", help="print each variant's top device kernels")
   p.add_argument("--profile_top", type=int, default=25, help="kernels listed by --profile")
+  p.add_argument("--dump_hlo", action="store_true", help="write each variant's optimized HLO to --out")
   p.add_argument("--smoke", action="store_true", help="tiny dims, to check the script on CPU")
   args = p.parse_args()
   if args.smoke:

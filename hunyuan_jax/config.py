@@ -17,6 +17,9 @@ from typing import Any, NamedTuple, Sequence
 
 FAMILIES = ("a13b", "large", "hy3", "dense")
 
+# Rematerialisation policies of the layer scan (model/transformer.py defines them).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_except_experts")
+
 
 class LayerSpec(NamedTuple):
   """Static description of one decoder layer; layers with equal specs share a scan."""
@@ -68,7 +71,7 @@ class ModelConfig:
   param_dtype: str = "bfloat16"          # dtype of freshly initialised parameters
   attention_impl: str = "xla"            # "xla" (einsum, any platform) or "cudnn" (GPU flash attention)
   moe_impl: str = "auto"                 # "auto" (kernels_pallas dispatch) or a forced kernels backend
-  remat_policy: str = "none"             # "none", "full", "dots", "dots_no_batch" (see model/transformer.py)
+  remat_policy: str = "none"             # one of REMAT_POLICIES (see model/transformer.py)
 
   def __post_init__(self):
     _validate(self)
@@ -184,8 +187,8 @@ def _validate(c: ModelConfig) -> None:
     bad("param_dtype", f"{c.param_dtype!r} is not bfloat16, float16 or float32")
   if c.attention_impl not in ("xla", "cudnn"):
     bad("attention_impl", f"{c.attention_impl!r} is not 'xla' or 'cudnn'")
-  if c.remat_policy not in ("none", "full", "dots", "dots_no_batch"):
-    bad("remat_policy", f"{c.remat_policy!r} is not one of none, full, dots, dots_no_batch")
+  if c.remat_policy not in REMAT_POLICIES:
+    bad("remat_policy", f"{c.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
   if c.moe_capacity_factor < 0:
     bad("moe_capacity_factor", "must be >= 0 (0 = dropless)")
   if c.moe_expert_recycling and c.moe_capacity_factor <= 0:

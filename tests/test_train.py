@@ -124,6 +124,8 @@ def test_linear_cross_entropy_matches_the_plain_loss():
   np.testing.assert_allclose(fused(h, w), 0.5 * plain(h, w), rtol=1e-6)
   for a, b in zip(jax.grad(fused, (0, 1))(h, w), jax.grad(lambda h, w: 0.5 * plain(h, w), (0, 1))(h, w)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  big = 40.0 * h                             # logits spread over hundreds: the lse's scaling
+  np.testing.assert_allclose(linear_cross_entropy(big, w, tgt, wt, 4), plain(big, w), rtol=1e-6)
   h16, w16 = h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)   # bf16: fp32 logits, bf16 grads
   np.testing.assert_allclose(linear_cross_entropy(h16, w16, tgt, wt), plain(h16.astype(jnp.float32),
                              w16.astype(jnp.float32)), rtol=1e-5)

@@ -16,11 +16,16 @@ from typing import NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 import kernels_pallas as kp
 from hunyuan_jax.config import LayerSpec, ModelConfig
 from hunyuan_jax.model import moe_parallel
 from hunyuan_jax.model.layers import SwiGLU, compute_dtype, param, swiglu
+
+# checkpoint_name of the routed experts' gate+up output: jax's checkpoint_dots policy does not
+# see it (a Pallas call, not a dot_general), so the "dots" remat policy names it.
+EXPERT_GATE_UP = "moe_expert_gate_up"
 
 
 class MoEStats(NamedTuple):
@@ -103,6 +108,43 @@ def _take_rows_bwd(fan_out, inverse_m, g_md):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def down_combine(act_mf, wo_efd, group_sizes, sort_idx, inverse, weights_tk, top_k, backend):
+  """y[t] = sum_k weights[t, k] * (act @ W_down[e])[slot (t, k)], in fp32.
+
+  The backward needs act but not the down projection's output: d weights[t, k] =
+  <dy[t], act[m] @ W_e> = <dy[t] @ W_e^T, act[m]>, so the same dx-form gmm that gives d act
+  (unweighted) gives it too. A remat'd layer then never recomputes the down gmm.
+  """
+  t = weights_tk.shape[0]
+  y_sorted_md = kp.gmm(act_mf, wo_efd, group_sizes, backend=backend)
+  y_tkd = take_rows(y_sorted_md, inverse, sort_idx, 1).reshape(t, top_k, -1)
+  return jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk)
+
+
+def _down_combine_fwd(act_mf, wo_efd, group_sizes, sort_idx, inverse, weights_tk, top_k, backend):
+  y = down_combine(act_mf, wo_efd, group_sizes, sort_idx, inverse, weights_tk, top_k, backend)
+  return y, (act_mf, wo_efd, group_sizes, sort_idx, inverse, weights_tk)
+
+
+def _down_combine_bwd(top_k, backend, res, dy_td):
+  act_mf, wo_efd, group_sizes, sort_idx, inverse, weights_tk = res
+  dt = act_mf.dtype
+  dy_md = jnp.take(dy_td.astype(dt), sort_idx // top_k, axis=0)        # row m = slot sort_idx[m]
+  w_m = jnp.take(weights_tk.reshape(-1), sort_idx).astype(jnp.float32)
+  u_mf = kp.gmm(dy_md, wo_efd, group_sizes, transpose_rhs=True,
+                backend=backend).astype(jnp.float32)                   # dy @ W_e^T, unweighted
+  dw_m = jnp.sum(u_mf * act_mf.astype(jnp.float32), axis=-1)
+  d_weights = jnp.take(dw_m, inverse).reshape(weights_tk.shape).astype(weights_tk.dtype)
+  d_act = (u_mf * w_m[:, None]).astype(dt)
+  d_wo = kp.tgmm((act_mf.astype(jnp.float32) * w_m[:, None]).astype(dt), dy_md, group_sizes,
+                 out_dtype=wo_efd.dtype, backend=backend)
+  return d_act, d_wo, None, None, None, d_weights
+
+
+down_combine.defvjp(_down_combine_fwd, _down_combine_bwd)
+
+
 def _local_groups(experts_tk: jax.Array, expert_offset, num_local: int):
   """Sort order and group sizes for the experts [offset, offset + num_local) held here.
 
@@ -148,10 +190,10 @@ def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array]
   x_sorted_md = take_rows(x_td.astype(dtype), sort_idx, inverse, top_k)
   h_mf2 = kp.gmm(x_sorted_md, wi_edkf.astype(dtype).reshape(e_local, d, 2 * f), group_sizes,
                  backend=backend)
+  h_mf2 = checkpoint_name(h_mf2, EXPERT_GATE_UP)   # remat "dots" keeps it: see transformer.py
   act_mf = swiglu(h_mf2.reshape(-1, 2, f))
-  y_sorted_md = kp.gmm(act_mf, wo_efd.astype(dtype), group_sizes, backend=backend)
-  y_tkd = take_rows(y_sorted_md, inverse, sort_idx, 1).reshape(t, top_k, d)
-  y_td = jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk)
+  y_td = down_combine(act_mf, wo_efd.astype(dtype), group_sizes, sort_idx, inverse, weights_tk,
+                      top_k, backend)
   stats = MoEStats(r.expert_frac_e, r.mean_prob_e, r.z_loss, dropped)
   return y_td, stats
 

@@ -14,10 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hunyuan_jax.config import LayerSpec, ModelConfig
+from hunyuan_jax.config import REMAT_POLICIES, LayerSpec, ModelConfig
 from hunyuan_jax.model.attention import KV, Attention, write_kv_rows
 from hunyuan_jax.model.layers import RMSNorm, SwiGLU, compute_dtype, param, rope_cos_sin
-from hunyuan_jax.model.moe import MoE, MoEStats
+from hunyuan_jax.model.moe import EXPERT_GATE_UP, MoE, MoEStats
 
 Cache = dict  # {"groups_<i>": KV [repeats, B, n_kv, S, D]} for groups that own K/V
 
@@ -91,12 +91,23 @@ class Unit(nn.Module):
     return h_btd, (rows if cache is not None else None, unit_stats)
 
 
-_REMAT_POLICIES = {
+def _and_expert_matmuls(policy):
+  """The policy, plus the routed experts' gate+up output (a Pallas call, which jax's dot
+  policies do not see; the down projection's output is never needed, see moe.down_combine)."""
+  cp = jax.checkpoint_policies
+  return cp.save_from_both_policies(policy, cp.save_only_these_names(EXPERT_GATE_UP))
+
+
+_REMAT_POLICIES = {   # keys: config.REMAT_POLICIES
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Keep every matmul output, recompute the elementwise ops: no matmul FLOPs recomputed.
+    "dots": _and_expert_matmuls(jax.checkpoint_policies.checkpoint_dots),
+    "dots_no_batch": _and_expert_matmuls(jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims),
+    # Less memory: the experts' gate+up gmm runs again in the backward.
+    "dots_except_experts": jax.checkpoint_policies.checkpoint_dots,
 }
+assert tuple(_REMAT_POLICIES) == REMAT_POLICIES
 
 
 def _scanned_unit(cfg: ModelConfig, repeats: int):
