@@ -175,6 +175,15 @@ def stage_gmm(names, variants):
           row(sec, f"ours fwd {_short(t)}", timeit(f, x, w, iters=5), flops=flops)
         except Exception as err:  # noqa: BLE001
           print(f"  variant {t} failed: {str(err)[:300]}", flush=True)
+      for t in [dataclasses.replace(gmm_gpu.TGMM_DEFAULT, delay_release=1),
+                dataclasses.replace(gmm_gpu.TGMM_DEFAULT, delay_release=1, stages=3)]:
+        try:
+          f = jax.jit(lambda x, dy, t=t: gmm_gpu.tgmm(x, dy, gs, tiling=t))
+          row(sec, f"ours dw {_short(t)}", timeit(f, x, dy, iters=5), flops=flops)
+          err = _rel_err(f(x, dy), dw(x, dy))
+          print(f"  dw variant {_short(t)}: rel err vs default {err:.2e}", flush=True)
+        except Exception as err:  # noqa: BLE001
+          print(f"  variant {t} failed: {str(err)[:300]}", flush=True)
     row(sec, "dense same FLOPs", timeit(jax.jit(lambda a, b: a @ b), x, w[0]), flops=flops)
     _anchor_mgpu(sec, x, w, gs, flops)
     _anchor_torch(sec, m, k, n, e, sizes, flops)
@@ -185,6 +194,11 @@ def stage_gmm(names, variants):
       except Exception as err:  # noqa: BLE001
         RESULTS.setdefault(sec, {})["jax.lax.ragged_dot"] = f"FAIL {err}"[:300]
     del x, w, dy
+
+
+def _rel_err(a, b):
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
 def _short(t):
