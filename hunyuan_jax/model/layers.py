@@ -104,29 +104,9 @@ def apply_rope(x_btnd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax
   return x_btnd * cos + rotated * sin
 
 
-@jax.custom_vjp
 def swiglu(h_x2f: jax.Array) -> jax.Array:
-  """[..., 2, F] (gate, up) -> silu(gate) * up.
-
-  The backward writes d[gate, up] in one stacked pass; autodiff's version (two padded
-  cotangents summed) ran at 1.8 TB/s on the H100 for the routed experts' [M, 2, F].
-  """
+  """[..., 2, F] (gate, up) -> silu(gate) * up."""
   return jax.nn.silu(h_x2f[..., 0, :]) * h_x2f[..., 1, :]
-
-
-def _swiglu_fwd(h_x2f):
-  return swiglu(h_x2f), h_x2f
-
-
-def _swiglu_bwd(h_x2f, d_act):
-  g, u = h_x2f[..., 0, :].astype(jnp.float32), h_x2f[..., 1, :].astype(jnp.float32)
-  d = d_act.astype(jnp.float32)
-  sig = jax.nn.sigmoid(g)
-  d_gate = d * u * sig * (1.0 + g * (1.0 - sig))
-  return (jnp.stack([d_gate, d * g * sig], axis=-2).astype(h_x2f.dtype),)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class SwiGLU(nn.Module):

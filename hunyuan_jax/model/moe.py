@@ -130,7 +130,7 @@ def _down_combine_fwd(act_mf, wo_efd, group_sizes, sort_idx, inverse, weights_tk
 def _down_combine_bwd(top_k, backend, res, dy_td):
   act_mf, wo_efd, group_sizes, sort_idx, inverse, weights_tk = res
   dt = act_mf.dtype
-  dy_md = jnp.take(dy_td.astype(dt), sort_idx // top_k, axis=0)        # row m = slot sort_idx[m]
+  dy_md = take_rows(dy_td.astype(dt), sort_idx, inverse, top_k)         # unweighted, sorted rows
   w_m = jnp.take(weights_tk.reshape(-1), sort_idx).astype(jnp.float32)
   u_mf = kp.gmm(dy_md, wo_efd, group_sizes, transpose_rhs=True,
                 backend=backend).astype(jnp.float32)                   # dy @ W_e^T, unweighted
