@@ -278,30 +278,87 @@ def stage_decode():
   RESULTS[sec]["weight_bytes"] = wbytes
 
 
-def stage_router(profile=False):
-  t, d, e = 65536, 4096, 64
-  spec = kp.RouterSpec(top_k=8)
-  x = jax.random.normal(jax.random.key(3), (t, d), jnp.bfloat16)
-  w = jax.random.normal(jax.random.key(4), (d, e), jnp.float32) * d ** -0.5
-  out = {}
-  for b in ("reference", "split"):
-    f = jax.jit(lambda x, w, b=b: kp.route(x, w, None, spec, backend=b))
-    out[b] = f(x, w)
-    row("router", f"route {b}", timeit(f, x, w, iters=20), nbytes=x.nbytes)
-    if profile:
-      print_top(f"route {b}", top_kernels(f, x, w, iters=5, top=20))
-  xs = np.asarray(x[:256], np.float64) @ np.asarray(w, np.float64)
-  from kernels_pallas.router.split import logits_fp32
-  for name, lg in [("split", logits_fp32(x[:256], w)),
-                   ("reference", jnp.dot(x[:256].astype(jnp.float32), w,
-                                         precision=jax.lax.Precision.HIGHEST))]:
-    RESULTS["router"][f"logits_rel_err_{name}_vs_f64"] = rel_err(lg, xs)
-    print(f"  router logits {name} vs float64: rel err {rel_err(lg, xs):.2e}", flush=True)
-  same = float(np.mean(np.asarray(out["split"].experts_tk) == np.asarray(out["reference"].experts_tk)))
-  RESULTS["router"]["experts_agree"] = same
-  RESULTS["router"]["weights_rel_err"] = rel_err(out["split"].weights_tk, out["reference"].weights_tk)
-  print(f"  router split vs reference: experts agree {same:.6f}, weights rel err "
-        f"{RESULTS['router']['weights_rel_err']:.2e}", flush=True)
+ROUTER_SHAPES = {   # name: (T, D, E, spec, with selection bias)
+    "a13b": (65536, 4096, 64, kp.RouterSpec(top_k=8), False),
+    "a13b_sigmoid": (65536, 4096, 64, kp.RouterSpec(top_k=8, scoring="sigmoid", scale=2.826,
+                                                    eps=1e-20), True),   # Hy3's rule at E = 64
+    "hy3": (65536, 4096, 192, kp.RouterSpec(top_k=8, scoring="sigmoid", scale=2.826,
+                                            eps=1e-20), True),
+}
+
+
+def _check_order(r, num_experts):
+  """The sort order is a permutation, expert-major and stable (slot ids ascending per expert)."""
+  sort_idx = np.asarray(r.sort_idx_m)
+  experts = np.asarray(r.experts_tk).reshape(-1)
+  ok = np.array_equal(np.sort(sort_idx), np.arange(sort_idx.size))
+  keys = experts[sort_idx].astype(np.int64) * sort_idx.size + sort_idx
+  ok &= bool(np.all(np.diff(keys) > 0))
+  ok &= np.array_equal(np.asarray(r.group_sizes_e), np.bincount(experts, minlength=num_experts))
+  return bool(ok)
+
+
+def stage_router(profile=False, shapes=("a13b", "a13b_sigmoid", "hy3")):
+  from kernels_pallas.router import gpu as router_gpu
+  from kernels_pallas.router.split import logits_fp32, split_bf16
+  for shape in shapes:
+    t, d, e, spec, with_bias = ROUTER_SHAPES[shape]
+    x = jax.random.normal(jax.random.key(3), (t, d), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(4), (d, e), jnp.float32) * d ** -0.5
+    bias = jax.random.normal(jax.random.key(5), (e,), jnp.float32) * 0.01 if with_bias else None
+    fused = router_gpu.select_tiling(t, d, e, x.dtype) is not None
+    fns = {b: jax.jit(lambda x, w, b=b: kp.route(x, w, bias, spec, backend=b))
+           for b in ("reference", "split") + (("gpu",) if fused else ())}
+    if fused:
+      fns["gpu key-sort order"] = jax.jit(
+          lambda x, w: router_gpu.route_gpu(x, w, bias, spec, order="sort"))
+      fns["gpu kernel alone"] = jax.jit(
+          lambda x, w: router_gpu.fused_router(x, *split_bf16(w), bias, spec))
+    out, times = {}, {}
+    for name, f in fns.items():
+      try:
+        out[name] = f(x, w)
+        jax.block_until_ready(out[name])
+      except Exception as err:  # noqa: BLE001 - report, keep the other rows
+        traceback.print_exc()
+        RESULTS.setdefault("router", {})[f"{shape} {name}"] = f"FAIL {err}"[:300]
+    for rep in range(2):   # two rounds, reversed order in the second (order-of-timing bias)
+      for name in (list(out) if rep == 0 else list(out)[::-1]):
+        times.setdefault(name, []).append(timeit(fns[name], x, w, iters=20))
+    for name in out:
+      row("router", f"{shape} {name}", min(times[name]), nbytes=x.nbytes,
+          note="rounds " + "/".join(f"{v:.3f}" for v in times[name]))
+      if profile and not name.startswith("gpu kernel"):
+        print_top(f"{shape} route {name}", top_kernels(fns[name], x, w, iters=5, top=20))
+    res = RESULTS.setdefault("router", {})
+    xs = np.asarray(x[:512], np.float64) @ np.asarray(w, np.float64)
+    lg = {"split": logits_fp32(x[:512], w)}
+    if "gpu kernel alone" in out:
+      lg["gpu"] = out["gpu kernel alone"].logits_te[:512]
+    for name, v in lg.items():
+      res[f"{shape} logits_rel_err_{name}_vs_f64"] = rel_err(v, xs)
+      print(f"  router {shape} logits {name} vs float64: rel err {rel_err(v, xs):.2e}", flush=True)
+    ref = out["reference"]
+    for name in ("split", "gpu", "gpu key-sort order"):
+      if name not in out:
+        continue
+      r = out[name]
+      same = float(np.mean(np.asarray(r.experts_tk) == np.asarray(ref.experts_tk)))
+      werr = rel_err(r.weights_tk, ref.weights_tk)
+      res[f"{shape} {name} experts_agree"], res[f"{shape} {name} weights_rel_err"] = same, werr
+      res[f"{shape} {name} order_ok"] = _check_order(r, e)
+      print(f"  router {shape} {name} vs reference: experts agree {same:.6f}, weights rel err "
+            f"{werr:.2e}, order valid+stable {res[f'{shape} {name} order_ok']}", flush=True)
+    if "gpu" in out:   # gradients of a weighted loss through the fused kernel vs split
+      probe = jax.random.normal(jax.random.key(6), (t, spec.top_k), jnp.float32)
+      grads = {}
+      for b in ("split", "gpu"):
+        loss = lambda x, w, b=b: jnp.sum(kp.route(x, w, bias, spec, backend=b).weights_tk * probe)
+        grads[b] = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+      for i, nm in enumerate(("dx", "dw")):
+        res[f"{shape} grad_{nm}_rel_err_gpu_vs_split"] = rel_err(grads["gpu"][i], grads["split"][i])
+        print(f"  router {shape} {nm} gpu vs split: rel err "
+              f"{res[f'{shape} grad_{nm}_rel_err_gpu_vs_split']:.2e}", flush=True)
 
 
 def main():

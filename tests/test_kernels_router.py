@@ -1,4 +1,6 @@
 """kernels_pallas.route: every backend against a numpy oracle and the reference's gradients."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +105,97 @@ def test_expert_order_methods_are_the_stable_argsort(method):
   np.testing.assert_array_equal(np.asarray(got), np.argsort(experts, kind="stable"))
   inv = np.asarray(kp.inverse_permutation(got))
   np.testing.assert_array_equal(inv[np.asarray(got)], np.arange(300))
+
+
+# The fused GPU router: its glue (ranks -> experts, order without a sort, statistics, custom_vjp)
+# runs on CPU with the kernel's jnp contract swapped in; the kernel itself under @pytest.mark.gpu.
+FUSED_SPECS = [SPECS[0], SPECS[2]]
+
+
+@pytest.fixture
+def kernel_contract(monkeypatch):
+  from kernels_pallas.router import gpu
+  monkeypatch.setattr(gpu, "fused_router", gpu.fused_router_reference)
+  return gpu
+
+
+@pytest.mark.parametrize("spec_i", range(len(FUSED_SPECS)))
+def test_fused_router_glue_matches_oracle(kernel_contract, spec_i):
+  spec = FUSED_SPECS[spec_i]
+  x, w, bias = inputs(40 + spec_i, 256, 64, 64, jnp.bfloat16, spec.scoring == "sigmoid")
+  x = x.at[:4].set(0)   # rows of equal logits: ties must still go to the lower id
+  r = jax.jit(lambda x, w, b: kernel_contract.route_gpu(x, w, b, spec))(x, w, bias)
+  o = oracle(x, w, bias, spec)
+  np.testing.assert_array_equal(np.asarray(r.experts_tk), o["experts"])
+  np.testing.assert_allclose(r.weights_tk, o["weights"], rtol=2e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(r.sort_idx_m), o["sort_idx"])
+  np.testing.assert_array_equal(np.asarray(r.group_sizes_e), o["sizes"])
+  np.testing.assert_allclose(r.mean_prob_e, o["mean_prob"], rtol=2e-5, atol=1e-7)
+  np.testing.assert_allclose(r.z_loss, o["z"], rtol=2e-5)
+
+
+def test_fused_router_grads_match_reference(kernel_contract):
+  spec = SPECS[2]
+  x, w, bias = inputs(50, 256, 64, 64, jnp.bfloat16, True)
+  c = jnp.asarray(np.random.default_rng(6).standard_normal((256, spec.top_k), np.float32))
+
+  def loss(x, w, fused):
+    r = (kernel_contract.route_gpu(x, w, bias, spec) if fused
+         else kp.route(x, w, bias, spec, backend="reference"))
+    return jnp.sum(r.weights_tk * c) + r.z_loss
+
+  grad = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)
+  for a, b in zip(grad(x, w, True), grad(x, w, False)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2   # dx is rounded to bf16 x's dtype
+
+
+def test_fused_router_dispatch_and_messages():
+  from kernels_pallas.router import gpu
+  bf16 = jnp.bfloat16
+  assert gpu.select_tiling(65536, 4096, 64, bf16) == gpu.DEFAULT
+  assert gpu.select_tiling(65536, 4096, 192, bf16) is None      # Hy3: past the registers
+  assert gpu.select_tiling(65536, 4096, 16, bf16) is None       # Large: E = 16
+  assert gpu.select_tiling(100, 4096, 64, bf16) is None         # decode-sized T
+  assert gpu.select_tiling(4096, 4096, 64, jnp.float32) is None
+  x, w, _ = inputs(0, 100, 64, 64, bf16, False)
+  with pytest.raises(ValueError, match="backend='split'"):
+    kp.route(x, w, None, SPECS[0], backend="gpu")
+  x, w, bias = inputs(0, 256, 64, 64, bf16, True)
+  with pytest.raises(ValueError, match="softmax"):
+    kp.route(x, w, bias, SPECS[0], backend="gpu")
+
+
+def _has_hopper():
+  try:
+    return jax.default_backend() == "gpu" and str(jax.devices()[0].compute_capability)[0] == "9"
+  except Exception:  # noqa: BLE001 - no GPU runtime at all
+    return False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec_i", range(len(FUSED_SPECS)))
+def test_gpu_fused_router_kernel(spec_i):
+  if not _has_hopper():
+    pytest.skip("the Mosaic GPU router needs a Hopper GPU")
+  from kernels_pallas.router import gpu
+  from kernels_pallas.router.split import split_bf16
+  spec = FUSED_SPECS[spec_i]
+  x, w, bias = inputs(60 + spec_i, 1024, 512, 64, jnp.bfloat16, spec.scoring == "sigmoid")
+  x = x.at[:3].set(0)   # all-equal rows: ties to the lower id
+  w_hi, w_lo = split_bf16(w)
+  got = jax.jit(gpu.fused_router, static_argnums=4)(x, w_hi, w_lo, bias, spec)
+  want = gpu.fused_router_reference(x, w_hi, w_lo, bias, spec)
+  np.testing.assert_allclose(got.logits_te, want.logits_te, rtol=1e-5, atol=1e-5)
+  k = spec.top_k
+  same = np.asarray(got.picks_ct[:k]) == np.asarray(want.picks_ct[:k])
+  assert same.mean() > 0.999, same.mean()   # near-ties may flip between fp32 summation orders
+  assert same[:, :3].all()
+  rows = same.all(axis=0)                   # tokens with identical picks: compare the weights
+  np.testing.assert_allclose(np.asarray(got.picks_ct[k:])[:, rows],
+                             np.asarray(want.picks_ct[k:])[:, rows], rtol=2e-5, atol=1e-6)
+  r = kp.route(x, w, bias, spec, backend="gpu")
+  o = oracle(x, w, bias, spec)
+  assert np.mean(np.asarray(r.experts_tk) == o["experts"]) > 0.999
+  flat = np.asarray(r.experts_tk).reshape(-1)
+  np.testing.assert_array_equal(np.asarray(r.sort_idx_m), np.argsort(flat, kind="stable"))

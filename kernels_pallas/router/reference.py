@@ -56,26 +56,35 @@ def route_reference(x_td, w_gate_de, bias_e: Optional[jax.Array], spec: RouterSp
   return route_from_logits(logits_te, bias_e, spec)
 
 
-def route_from_logits(logits_te, bias_e: Optional[jax.Array], spec: RouterSpec) -> Routing:
-  """Everything after the logits; shared by every router backend."""
-  num_tokens, num_experts = logits_te.shape
+def scores_and_probs(logits_te, spec: RouterSpec):
+  """(scores that weight the picks, normalised probabilities for the load statistics)."""
   if spec.scoring == "softmax":
     scores_te = jax.nn.softmax(logits_te, axis=-1)
-    probs_te = scores_te
-  elif spec.scoring == "sigmoid":
+    return scores_te, scores_te
+  if spec.scoring == "sigmoid":
     scores_te = jax.nn.sigmoid(logits_te)
-    probs_te = scores_te / jnp.sum(scores_te, axis=-1, keepdims=True)
-  else:
-    raise ValueError(f"RouterSpec.scoring must be 'softmax' or 'sigmoid', got {spec.scoring!r}")
-  select_te = scores_te if bias_e is None else scores_te + bias_e.astype(jnp.float32)
-  _, experts_tk = jax.lax.top_k(jax.lax.stop_gradient(select_te), spec.top_k)
+    return scores_te, scores_te / jnp.sum(scores_te, axis=-1, keepdims=True)
+  raise ValueError(f"RouterSpec.scoring must be 'softmax' or 'sigmoid', got {spec.scoring!r}")
+
+
+def combine_weights(scores_te, experts_tk, spec: RouterSpec):
+  """The picks' scores, renormalised per the family and scaled."""
   weights_tk = jnp.take_along_axis(scores_te, experts_tk, axis=-1)
   if spec.renormalize:
     denom = jnp.sum(weights_tk, axis=-1, keepdims=True) + spec.eps
     if spec.scoring == "softmax":
       denom = jnp.maximum(denom, jnp.finfo(jnp.float32).eps)
     weights_tk = weights_tk / denom
-  weights_tk = weights_tk * spec.scale
+  return weights_tk * spec.scale
+
+
+def route_from_logits(logits_te, bias_e: Optional[jax.Array], spec: RouterSpec) -> Routing:
+  """Everything after the logits; shared by the reference and split backends."""
+  num_tokens, num_experts = logits_te.shape
+  scores_te, probs_te = scores_and_probs(logits_te, spec)
+  select_te = scores_te if bias_e is None else scores_te + bias_e.astype(jnp.float32)
+  _, experts_tk = jax.lax.top_k(jax.lax.stop_gradient(select_te), spec.top_k)
+  weights_tk = combine_weights(scores_te, experts_tk, spec)
   experts_tk = experts_tk.astype(jnp.int32)
   num_slots = num_tokens * spec.top_k
   sort_idx_m = expert_order(experts_tk.reshape(-1), num_experts)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from kernels_pallas.router.reference import RouterSpec, Routing, route_from_logits
 
 
-def _split(a):
+def split_bf16(a):
   """a (f32) -> (hi, lo) bf16 with hi + lo == a to ~2^-16 relative."""
   # hi by truncating the f32 bits, not by a round trip through bf16: XLA on GPU may drop
   # f32->bf16->f32 converts (allow_excess_precision), which made lo = 0 (seen on H100).
@@ -25,7 +25,7 @@ def _split(a):
 
 
 def _parts(a):
-  return (a, None) if a.dtype == jnp.bfloat16 else _split(a)
+  return (a, None) if a.dtype == jnp.bfloat16 else split_bf16(a)
 
 
 def _mm(a, b, dims):
@@ -64,11 +64,15 @@ def _logits_fwd(x_td, w_de):
   return logits_fp32(x_td, w_de), (x_td, w_de)
 
 
-def _logits_bwd(res, dl_te):
-  x_td, w_de = res
+def logits_grads(x_td, w_de, dl_te):
+  """(dx, dw) of logits = x @ w, in ~fp32 from the same split (also the fused router's)."""
   dx_td = _split_product(dl_te, w_de, ((1,), (1,)))
   dw_de = _split_product(x_td, dl_te, ((0,), (0,)))
   return dx_td.astype(x_td.dtype), dw_de.astype(w_de.dtype)
+
+
+def _logits_bwd(res, dl_te):
+  return logits_grads(*res, dl_te)
 
 
 logits_fp32.defvjp(_logits_fwd, _logits_bwd)
