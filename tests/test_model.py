@@ -213,14 +213,17 @@ def test_remat_dots_does_not_rerun_the_expert_matmuls(policy, kernels):
 
 
 @pytest.mark.gpu
-def test_gpu_moe_gradients_match_reference_ops():
+@pytest.mark.parametrize("num_experts", [4, 64])   # 64: the fused Mosaic router runs too
+def test_gpu_moe_gradients_match_reference_ops(num_experts, monkeypatch):
   """The model's MoE on the Mosaic GPU kernels (forward, down_combine's backward, remat "dots")
   against the jnp reference ops, bf16."""
   grads = {}
   for impl in ("gpu", "reference"):
+    monkeypatch.setenv("KERNELS_PALLAS_BACKEND", "" if impl == "gpu" else "route=reference")
     cfg = tiny("a13b", num_layers=1, hidden_size=512, num_heads=4, num_kv_heads=2, head_dim=128,
-               num_experts=4, moe_intermediate_size=(256,), shared_expert_size=(256,),
-               dtype="bfloat16", param_dtype="bfloat16", remat_policy="dots", moe_impl=impl)
+               num_experts=num_experts, moe_intermediate_size=(256,),
+               shared_expert_size=(256,), dtype="bfloat16", param_dtype="bfloat16",
+               remat_policy="dots", moe_impl=impl)
     params = init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 128), 0, cfg.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(128), (2, 128))

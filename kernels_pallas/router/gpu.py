@@ -42,7 +42,9 @@ DEFAULT = Tiling()
 class KernelOut(NamedTuple):
   logits_te: jax.Array     # f32 [T, E]
   picks_ct: jax.Array      # f32 [2k, T]: rows [0, k) the expert ids (exact in f32), rows
-                           # [k, 2k) their renormalised, scaled combine weights
+                           # [k, 2k) their renormalised, scaled combine weights. Token-major
+                           # [T, 2k] would save XLA's transposes, but the column stores into
+                           # shared memory do not lower in jax 0.11.2 (non-contiguous swizzle)
 
 
 def select_tiling(num_tokens, dim, num_experts, x_dtype):
@@ -258,8 +260,11 @@ def route_gpu(x_td, w_gate_de, bias_e, spec: RouterSpec, *, order="cumsum") -> R
   sort_idx_m, group_sizes_e = order_from_picks(experts_tk, num_experts)
   if order == "sort":   # for the benchmark's comparison
     sort_idx_m = expert_order(experts_tk.reshape(-1), num_experts)
-  _, probs_te = scores_and_probs(out.logits_te, spec)
+  lse_t = jax.nn.logsumexp(out.logits_te, axis=-1)
+  if spec.scoring == "softmax":   # the softmax from the logsumexp: one pass fewer
+    probs_te = jnp.exp(out.logits_te - lse_t[:, None])
+  else:
+    probs_te = scores_and_probs(out.logits_te, spec)[1]
   return Routing(weights_tk, experts_tk, sort_idx_m, group_sizes_e.astype(jnp.int32),
                  group_sizes_e.astype(jnp.float32) / (num_tokens * spec.top_k),
-                 jnp.mean(probs_te, axis=0),
-                 jnp.mean(jax.nn.logsumexp(out.logits_te, axis=-1) ** 2))
+                 jnp.mean(probs_te, axis=0), jnp.mean(lse_t ** 2))
