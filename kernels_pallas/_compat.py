@@ -30,6 +30,14 @@ def mgpu():
   return pl, plgpu
 
 
+def swizzle_transforms(cols, dtype):
+  """Shared-memory tiling + swizzle for rows of `cols` elements (TMA and wgmma operands)."""
+  _, plgpu = mgpu()
+  itemsize = jax.numpy.dtype(dtype).itemsize
+  swz = plgpu.find_swizzle(cols * itemsize * 8)
+  return plgpu.TilingTransform((8, swz // itemsize)), plgpu.SwizzleTransform(swz)
+
+
 def mgpu_kernel(body, *, out_type, **kwargs):
   """plgpu.kernel with the output keyword this version takes (out_type since 0.10)."""
   _, plgpu = mgpu()

@@ -191,7 +191,7 @@ def test_gpu_tiling_selection():
   assert gpu.select_tiling(4096, 96, 256, bf16) is None          # K not a multiple of 64
   # N = 128 (the dx form of K = 128) gets the narrow tiling, verified on the H100.
   assert gpu.NARROW_VERIFIED and gpu.select_tiling(384, 256, 128, bf16) == gpu.NARROW
-  assert gpu.select_tiling(64, 4096, 6144, bf16) == gpu.NARROW    # one tile of rows: decode b1
+  assert gpu.select_tiling(64, 4096, 6144, bf16) == gpu.NARROW_DEEP   # one tile of rows: decode b1
   for m, k, n in [(65536, 4096, 6144), (65536, 3072, 4096), (65536, 4096, 3072),
                   (65536, 1536, 4096), (256, 4096, 6144)]:   # the A13B and Hy3 shapes
     assert gpu.supports_all(m, k, n, bf16) == (True, "")

@@ -51,6 +51,10 @@ TGMM_DEFAULT = Tiling(tile_m=128, tile_n=128, tile_k=64, stages=4, epi_n=64)
 # N tile of 2 x 64 for N a multiple of 128 but not 256 (e.g. the dx form at K=128). Verified on
 # the H100 (test_gpu_narrow_and_short_k, 2026-11-23), so select_tiling may return it.
 NARROW = Tiling(tile_m=64, tile_n=64, stages=4)
+# Batch-1 decode streams weights with little compute per stage: 8 stages in flight instead of 4
+# took the A13B up / down kernels 0.203 / 0.138 -> 0.198 / 0.129 ms of device time (H100 profile,
+# 8 one-row groups; 6 stages or 128-wide K steps: within 2% of 8).
+NARROW_DEEP = Tiling(tile_m=64, tile_n=64, stages=8)
 MIN_ROWS = DECODE.tile_m  # the public op pads fewer rows up to one tile
 NARROW_VERIFIED = True
 _FP16 = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -77,7 +81,7 @@ def select_tiling(m, k, n, dtype):
     return None
   candidates = (default_tiling(m),) + ((NARROW,) if NARROW_VERIFIED else ())
   if m <= NARROW.tile_m:   # batch-1 decode: 8 one-row groups; half-width tiles double the CTAs
-    candidates = candidates[::-1]   # that stream the weights (192 -> 384 on 132 SMs, fewer idle)
+    candidates = (NARROW_DEEP, DECODE)   # that stream the weights (192 -> 384 on 132 SMs)
   for t in candidates:
     if not _fits(t, m, k, n):
       return t
@@ -119,12 +123,6 @@ def supports(x, w, *, transpose_rhs=False, tiling=None):
   return True, ""
 
 
-def _swizzle(plgpu, cols, dtype):
-  swz = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
-  return (plgpu.TilingTransform((8, swz // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(swz))
-
-
 def _ladder_store(plgpu, pl, src_smem, dst_gmem, lead, rows, max_rows):
   """Store rows [lead, rows) of src to dst with power-of-two TMA copies (static shapes)."""
   count = rows - lead
@@ -156,8 +154,8 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
   num_visits = sched.group_v.shape[0]
   grid_n = n // cta_n
   k_iters = k // tk
-  x_tf = _swizzle(plgpu, tk, x_mk.dtype)
-  w_tf = _swizzle(plgpu, tk if transpose_rhs else cta_n, w_ekn.dtype)
+  x_tf = _compat.swizzle_transforms(tk, x_mk.dtype)
+  w_tf = _compat.swizzle_transforms(tk if transpose_rhs else cta_n, w_ekn.dtype)
   # Partial tiles need row-granular slices of the epilogue buffer: no swizzle there.
   epi_n = min(t.epi_n, tn)
   # Per-warpgroup share of the (tm, cta_n) CTA tile.
@@ -187,7 +185,7 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
         allocs=pipeline(ignore, ignore).get_allocations(fake_x, fake_w),
         o_smem=plgpu.SMEM((2, wg_rows, epi_n), out_dtype),
         o_swz=plgpu.SMEM((2, wg_rows, epi_n), out_dtype,
-                         transforms=_swizzle(plgpu, epi_n, out_dtype))
+                         transforms=_compat.swizzle_transforms(epi_n, out_dtype))
         if t.swizzled_full else None,
         collective_axes="wg")
     def _scope(allocs, o_smem, o_swz):
@@ -300,9 +298,9 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=F
   # short group gets all-masked extra steps (one-step pipelines failed to launch on the H100).
   steps = jnp.maximum(cdiv(sizes + leads, chunk), 1 + t.delay_release)
   grid_k, grid_n = k // tko, n // cta_n
-  x_tf = _swizzle(plgpu, tko, x_mk.dtype)
-  dy_tf = _swizzle(plgpu, cta_n, dy_mn.dtype)
-  o_tf = _swizzle(plgpu, t.epi_n, out_dtype)
+  x_tf = _compat.swizzle_transforms(tko, x_mk.dtype)
+  dy_tf = _compat.swizzle_transforms(cta_n, dy_mn.dtype)
+  o_tf = _compat.swizzle_transforms(t.epi_n, out_dtype)
   epi_n = min(t.epi_n, tn)
 
   def pipeline(body, ctx, num_steps):

@@ -1,14 +1,14 @@
-"""Fused router on Hopper in Mosaic GPU: logits, scores, top-k and statistics in one read of x.
+"""Fused router on Hopper in Mosaic GPU: logits, top-k and combine weights in one read of x.
 
 One CTA = 2 compute warpgroups + 1 TMA warpgroup over a persistent grid of row tiles. Each
 warpgroup accumulates its rows' logits with two bf16 wgmmas per step into one fp32
 accumulator, x @ w_hi + x @ w_lo (w_gate split as in split.py; bf16 x times a bf16 part is
 exact in fp32, so the sum is the fp32 logits to ~2^-16 relative). The epilogue, in
 registers: the scores, top-k (k rounds of a row max, lowest id among ties) and the
-renormalised weights. Two outputs, because each TMA descriptor costs host time per launch:
-the logits (the backward's residual, and the statistics' input) and one f32 [2k, T] array
-of per-token results. Column sums are left to XLA: the kernel's cross-warp reductions share
-one scratch buffer between the two warpgroups (seen on the H100: both got one's sums).
+renormalised weights. Two outputs: the logits (the backward's residual, and the input of
+the statistics) and one f32 [2k, T] array of per-token results. Column sums are left to XLA:
+Mosaic's cross-warp reductions share one scratch buffer between the two warpgroups (seen on
+the H100: both warpgroups got one's sums).
 """
 import dataclasses
 import functools
@@ -34,8 +34,8 @@ class Tiling:
   skip_select: bool = False  # DEBUG ONLY (wrong picks): times the epilogue's top-k
 
 
-# E = 64 (A13B). Larger E needs [rows >= 64, E] arrays past the register file (Hy3's 192
-# measured 2.3x slower than the split router with a 4-array epilogue): not tiled.
+# E = 64 (A13B) only. At E = 192 (Hy3) the epilogue's [64, E] f32 arrays spill past the
+# register file: the top-k made that kernel 2.2x slower (0.41 -> 0.89 ms on the H100).
 DEFAULT = Tiling()
 
 
@@ -64,12 +64,6 @@ def why_not(num_tokens, dim, num_experts, x_dtype):
   return f"T={num_tokens} must divide by the {2 * DEFAULT.rows}-row tile and D={dim} by 64"
 
 
-def _swizzle(plgpu, cols, dtype):
-  swz = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
-  return (plgpu.TilingTransform((8, swz // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(swz))
-
-
 def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, tiling=None) -> KernelOut:
   """The kernel. Selection on the logits for softmax (monotone: the same top-k as on the
   probabilities) and on sigmoid(logits) + bias_e for sigmoid; ties to the lower expert id."""
@@ -86,9 +80,9 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, tiling=Non
   sigmoid = spec.scoring == "sigmoid"
   has_bias = sigmoid and bias_e is not None
   bias_e = (bias_e if has_bias else jnp.zeros((num_experts,))).astype(jnp.float32)
-  x_tf = _swizzle(plgpu, tk, x_td.dtype)
+  x_tf = _compat.swizzle_transforms(tk, x_td.dtype)
   w_cat = jnp.concatenate([w_hi_de, w_lo_de], axis=1)   # one operand: one TMA descriptor
-  w_tf = _swizzle(plgpu, 2 * num_experts, w_cat.dtype)
+  w_tf = _compat.swizzle_transforms(2 * num_experts, w_cat.dtype)
   shape = (rows, num_experts)
   per_row = lambda v: lax.broadcast_in_dim(v, shape, [0])   # ([:, None] does not lower)
   row_sum = lambda a: jnp.sum(a, axis=1)
@@ -140,7 +134,7 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, tiling=Non
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(x_gmem.at[pl.ds(0, cta_rows)], w_gmem),
         l_smem=plgpu.SMEM((2, rows, num_experts), jnp.float32,
-                          transforms=_swizzle(plgpu, num_experts, jnp.float32)),
+                          transforms=_compat.swizzle_transforms(num_experts, jnp.float32)),
         p_smem=plgpu.SMEM((2, 2 * top_k, rows), jnp.float32),
         b_smem=plgpu.SMEM((num_experts,), jnp.float32),
         bar=plgpu.Barrier(num_arrivals=1),
