@@ -40,7 +40,9 @@ def _expand(tiles_g, num_visits):
   """Visit v -> (group g, tile j within g) for a static number of visits."""
   ends = jnp.cumsum(tiles_g)
   v = jnp.arange(num_visits, dtype=jnp.int32)
-  g = jnp.searchsorted(ends, v, side="right").astype(jnp.int32)
+  # compare_all: one fused [V, G] comparison. The default binary search is a while loop,
+  # a handful of tiny kernels in front of every gmm (felt at batch-1 decode).
+  g = jnp.searchsorted(ends, v, side="right", method="compare_all").astype(jnp.int32)
   g = jnp.minimum(g, tiles_g.shape[0] - 1)
   j = v - (ends[g] - tiles_g[g])
   valid = v < ends[-1]
