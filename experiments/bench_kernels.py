@@ -3,6 +3,8 @@
   PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_kernels.py \
       [--only check,ceil,gmm,decode,router] [--shapes a13b_up,...] [--variants] [--out DIR]
 
+--variants also times gmm/tgmm tilings and the fused router's tilings and debug knobs.
+
 Prints a short table last and writes every number to $OUT/bench_kernels.json (or --out).
 TFLOP/s count the useful FLOPs 2*M*K*N (M = rows inside groups); the router's GB/s count
 one read of x. Ceilings (copy bandwidth, dense matmul) are measured in the same run.
@@ -298,7 +300,28 @@ def _check_order(r, num_experts):
   return bool(ok)
 
 
-def stage_router(profile=False, shapes=("a13b", "a13b_sigmoid", "hy3")):
+def router_variants(x, w, bias, spec, label):
+  """The fused kernel alone under other tilings and with parts switched off (DEBUG knobs: their
+  output is wrong, their time says what that part costs); two rounds in alternating order."""
+  from kernels_pallas.router import gpu as router_gpu
+  from kernels_pallas.router.split import split_bf16
+  base = router_gpu.DEFAULT
+  tilings = {"default": base, "3 stages": dataclasses.replace(base, stages=3),
+             "no lo product": dataclasses.replace(base, lo_product=False),
+             "no top-k epilogue": dataclasses.replace(base, skip_select=True)}
+  w_hi, w_lo = split_bf16(w)
+  fns = {name: jax.jit(lambda x, t=t: router_gpu.fused_router(x, w_hi, w_lo, bias, spec, tiling=t))
+         for name, t in tilings.items()}
+  times = {}
+  for rep in range(2):
+    for name in (list(fns) if rep == 0 else list(fns)[::-1]):
+      times.setdefault(name, []).append(timeit(fns[name], x, iters=10))
+  for name, ts in times.items():
+    row("router", f"{label} kernel, {name}", min(ts), nbytes=x.nbytes,
+        note="rounds " + "/".join(f"{v:.3f}" for v in ts))
+
+
+def stage_router(profile=False, shapes=("a13b", "a13b_sigmoid", "hy3"), variants=False):
   from kernels_pallas.router import gpu as router_gpu
   from kernels_pallas.router.split import logits_fp32, split_bf16
   for shape in shapes:
@@ -330,6 +353,8 @@ def stage_router(profile=False, shapes=("a13b", "a13b_sigmoid", "hy3")):
           note="rounds " + "/".join(f"{v:.3f}" for v in times[name]))
       if profile and not name.startswith("gpu kernel"):
         print_top(f"{shape} route {name}", top_kernels(fns[name], x, w, iters=5, top=20))
+    if variants and fused:
+      router_variants(x, w, bias, spec, shape)
     res = RESULTS.setdefault("router", {})
     xs = np.asarray(x[:512], np.float64) @ np.asarray(w, np.float64)
     lg = {"split": logits_fp32(x[:512], w)}
@@ -377,7 +402,7 @@ def main():
   print(f"device {dev.device_kind}, jax {jax.__version__}, SMs {RESULTS['env']['sms']}")
   for st, fn in [("check", stage_check), ("ceil", stage_ceilings),
                  ("gmm", lambda: stage_gmm(args.shapes.split(","), args.variants)),
-                 ("decode", stage_decode), ("router", lambda: stage_router(args.profile))]:
+                 ("decode", stage_decode), ("router", lambda: stage_router(args.profile, variants=args.variants))]:
     if st in stages:
       try:
         fn()
