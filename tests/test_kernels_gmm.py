@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import kernels_pallas as kp
+from kernels_pallas import _dispatch
 
 # (M, K, N, group_sizes): empty groups, groups not tile-aligned, padded rows past the end.
 CASES = [
@@ -173,13 +174,6 @@ def test_env_var_forces_backend(monkeypatch):
     kp.gmm(x, w, jnp.asarray([4, 4]))
 
 
-def _has_hopper():
-  try:
-    return jax.default_backend() == "gpu" and str(jax.devices()[0].compute_capability)[0] == "9"
-  except Exception:  # noqa: BLE001 - no GPU runtime at all
-    return False
-
-
 def test_gpu_tiling_selection():
   """Pure-Python shape logic: which shapes the Mosaic GPU kernel takes (no GPU needed)."""
   from kernels_pallas.gmm import gpu
@@ -216,14 +210,14 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_hopper(), reason="needs a Hopper GPU")
+@pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_gpu_kernel(case):
   check_forms(public_forms("gpu"), case, jnp.bfloat16, seed=11 + case[0])
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_hopper(), reason="needs a Hopper GPU")
+@pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
 def test_gpu_narrow_and_short_k():
   """K = 128 (2 k-steps, fewer than the pipeline's stages) and the N = 128 NARROW tiling.
 
@@ -243,7 +237,7 @@ def test_gpu_narrow_and_short_k():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_hopper(), reason="needs a Hopper GPU")
+@pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
 def test_gpu_fewer_rows_than_a_tile():
   """Batch-1 decode: 8 rows (top-8 of one token) are padded to one tile by the public op."""
   m, k, n, gs = 8, 256, 256, [3, 0, 5, 0]
@@ -254,7 +248,7 @@ def test_gpu_fewer_rows_than_a_tile():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_hopper(), reason="needs a Hopper GPU")
+@pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
 def test_gpu_grads_match_reference():
   m, k, n, gs = GPU_CASES[0]
   x, w, c = inputs(12, m, k, n, len(gs), jnp.bfloat16)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import kernels_pallas as kp
+from kernels_pallas import _dispatch
 from kernels_pallas import RouterSpec
 
 SPECS = [
@@ -166,17 +167,10 @@ def test_fused_router_dispatch_and_messages():
     kp.route(x, w, bias, SPECS[0], backend="gpu")
 
 
-def _has_hopper():
-  try:
-    return jax.default_backend() == "gpu" and str(jax.devices()[0].compute_capability)[0] == "9"
-  except Exception:  # noqa: BLE001 - no GPU runtime at all
-    return False
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec_i", range(len(FUSED_SPECS)))
 def test_gpu_fused_router_kernel(spec_i):
-  if not _has_hopper():
+  if not _dispatch.is_hopper():
     pytest.skip("the Mosaic GPU router needs a Hopper GPU")
   from kernels_pallas.router import gpu
   from kernels_pallas.router.split import split_bf16
