@@ -36,6 +36,7 @@ class Tiling:
   delay_release: int = 0   # keep this many wgmma groups in flight before releasing a stage
   skip_epilogue: bool = False  # DEBUG ONLY (wrong output): times the main loop alone
   wg_m: bool = False       # split the CTA tile between the warpgroups along M (m64n256 wgmma)
+  static_items: bool = False   # A/B ONLY: loop over all V static visits, not just those with rows
 
 
 # Measured on H100 (a13b_up): N-minor order 492 TFLOP/s, M-minor snake of width 8: 688.
@@ -152,6 +153,9 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
   cta_n = 2 * tn
   sched = group_start_schedule(group_sizes_e, m, tm, zero_tail=True, align=ALIGN)
   num_visits = sched.group_v.shape[0]
+  # The visits that hold rows come first; the persistent loop stops there. Skipping the
+  # rest one by one costs a few scalar loads each: ~2k empty items at batch-1 decode.
+  used_visits = jnp.sum(sched.rows_v > 0, dtype=jnp.int32).reshape(1)
   grid_n = n // cta_n
   k_iters = k // tk
   x_tf = _compat.swizzle_transforms(tk, x_mk.dtype)
@@ -175,7 +179,8 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
 
   ignore = lambda *_, **__: None
 
-  def body(group_gmem, start_gmem, rows_gmem, lo_gmem, x_gmem, w_gmem, o_gmem):
+  def body(used_gmem, group_gmem, start_gmem, rows_gmem, lo_gmem, x_gmem, w_gmem, o_gmem):
+    visits = num_visits if t.static_items else used_gmem[0]
     fake_x = x_gmem.at[pl.ds(0, tm)]
     fake_w = (w_gmem.at[0, pl.ds(0, cta_n), :] if transpose_rhs
               else w_gmem.at[0, :, pl.ds(0, cta_n)])
@@ -191,9 +196,9 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
     def _scope(allocs, o_smem, o_swz):
       wg = lax.axis_index("wg")
 
-      @plgpu.nd_loop((num_visits * grid_n,), collective_axes="sm")
+      @plgpu.nd_loop((visits * grid_n,), collective_axes="sm")
       def _items(info):
-        v, ni = plgpu.planar_snake(info.index[0], (num_visits, grid_n), t.grid_minor,
+        v, ni = plgpu.planar_snake(info.index[0], (visits, grid_n), t.grid_minor,
                                    t.grid_width)
         g, rows = group_gmem[v], rows_gmem[v]
         row0 = pl.multiple_of(start_gmem[v], ALIGN)
@@ -270,7 +275,7 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-  return kernel(sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, x_mk, w_ekn)
+  return kernel(used_visits, sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, x_mk, w_ekn)
 
 
 def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=False):
