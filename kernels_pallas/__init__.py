@@ -3,7 +3,7 @@
 Standalone: imports nothing from hunyuan_jax. Each public op picks a backend from the
 platform and falls back to its pure-jnp reference where no kernel applies.
 """
-from kernels_pallas.gmm import gmm, tgmm
+from kernels_pallas.gmm import gmm, gmv, tgmm
 from kernels_pallas.router import RouterSpec, Routing, expert_order, inverse_permutation, route
 
-__all__ = ["gmm", "tgmm", "route", "RouterSpec", "Routing", "expert_order", "inverse_permutation"]
+__all__ = ["gmm", "gmv", "tgmm", "route", "RouterSpec", "Routing", "expert_order", "inverse_permutation"]

@@ -186,6 +186,25 @@ def test_down_combine_equals_plain_gmm_and_weighted_sum():
   assert np.all(np.asarray(g_ours[0])[9:] == 0)         # rows past sum(group_sizes)
 
 
+@pytest.mark.parametrize("family", ["a13b", "hy3"])
+def test_one_token_moe_equals_the_sorted_path(family):
+  """T = 1 (batch-1 decode) takes the sort-free gmv path; its output is the general path's."""
+  from hunyuan_jax.model.moe import moe_ffn
+  cfg = tiny(family, num_layers=2, num_experts=8, moe_top_k=(3, 3))
+  rng = np.random.default_rng(5)
+  e, d, f, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size[0], 3
+  draw = lambda *s: jnp.asarray(0.3 * rng.standard_normal(s), jnp.float32)   # outputs O(1)
+  args = (draw(d, e), draw(e) if cfg.router_bias else None, draw(e, d, 2, f), draw(e, f, d))
+  x = draw(1, d)
+  run = lambda x: moe_ffn(x, *args, cfg=cfg, top_k=k, dtype=jnp.float32)[0]
+  one = run(x)                                           # the gmv path
+  two = run(jnp.concatenate([x, draw(1, d)]))            # T = 2: sort + gmm
+  np.testing.assert_allclose(one[0], two[0], rtol=1e-5, atol=1e-5)
+  g_one = jax.grad(lambda x: jnp.sum(jnp.sin(run(x))))(x)
+  g_two = jax.grad(lambda x: jnp.sum(jnp.sin(run(jnp.concatenate([x, x]))[:1])))(x)
+  np.testing.assert_allclose(g_one, g_two, rtol=1e-4, atol=1e-5)
+
+
 def _count_pallas_calls(jaxpr) -> int:
   n = 0
   for eqn in jaxpr.eqns:

@@ -186,6 +186,15 @@ def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array]
   if not cfg.moe_fp32_combine:
     weights_tk = weights_tk.astype(dtype).astype(jnp.float32)
   backend = None if cfg.moe_impl == "auto" else cfg.moe_impl   # e.g. "reference" to force jnp ops
+  if t == 1 and e_local == e and not cfg.moe_expert_recycling:
+    # One token (batch-1 decode): its k experts are distinct, so its k slots go to the
+    # experts in pick order; no sort, schedule or gather (about 10 fewer kernels per layer).
+    experts_k = experts_tk.reshape(-1)
+    x_kd = jnp.broadcast_to(x_td.astype(dtype), (top_k, d))
+    h_kf2 = kp.gmv(x_kd, wi_edkf.astype(dtype).reshape(e, d, 2 * f), experts_k, backend=backend)
+    y_kd = kp.gmv(swiglu(h_kf2.reshape(-1, 2, f)), wo_efd.astype(dtype), experts_k, backend=backend)
+    y_td = jnp.einsum("kd,k->d", y_kd.astype(jnp.float32), weights_tk[0])[None]
+    return y_td, MoEStats(r.expert_frac_e, r.mean_prob_e, r.z_loss, dropped)
   inverse = kp.inverse_permutation(sort_idx)
   x_sorted_md = take_rows(x_td.astype(dtype), sort_idx, inverse, top_k)
   h_mf2 = kp.gmm(x_sorted_md, wi_edkf.astype(dtype).reshape(e_local, d, 2 * f), group_sizes,

@@ -133,6 +133,61 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, back
   return y[:m] if rows > m else y
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _gmv(backend, out_dtype, transpose_rhs, x, w, experts):
+  if backend == "reference":
+    return reference.gmv_reference(x, w, experts, out_dtype=out_dtype, transpose_rhs=transpose_rhs)
+  m = x.shape[0]
+  rows = max(m, _min_rows(backend))   # the kernel reads whole row tiles
+  x = jnp.pad(x, ((0, rows - m), (0, 0))) if rows > m else x
+  return _impl(backend).gmv(x, w, experts, out_dtype=out_dtype, transpose_rhs=transpose_rhs)[:m]
+
+
+def _gmv_fwd(backend, out_dtype, transpose_rhs, x, w, experts):
+  return _gmv(backend, out_dtype, transpose_rhs, x, w, experts), (x, w, experts)
+
+
+def _gmv_bwd(backend, out_dtype, transpose_rhs, res, dy):
+  x, w, experts = res   # a decode op: the backward is the reference's, not a kernel
+  _, vjp = jax.vjp(lambda x, w: reference.gmv_reference(
+      x, w, experts, out_dtype=out_dtype, transpose_rhs=transpose_rhs), x, w)
+  return (*vjp(dy.astype(out_dtype)), None)
+
+
+_gmv.defvjp(_gmv_fwd, _gmv_bwd)
+
+
+def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, backend=None):
+  """y[r] = x[r] @ w[experts[r]] (or its transpose) for a few rows that each name an expert.
+
+  The decode form of gmm for one token's top-k slots: no sort, no group sizes, rows stay in
+  slot order. Each row reads its expert's weights, so rows should name distinct experts (one
+  token's picks do); for many rows or repeated experts, sort and use gmm.
+  """
+  x_mk, w_ekn, experts_m = map(jnp.asarray, (x_mk, w_ekn, experts_m))
+  if x_mk.ndim != 2 or w_ekn.ndim != 3 or experts_m.shape != x_mk.shape[:1]:
+    raise ValueError(f"kernels_pallas.gmv: expected x [M, K], w [E, K, N] and experts [M]; got "
+                     f"{x_mk.shape}, {w_ekn.shape}, {experts_m.shape}.")
+  if not jnp.issubdtype(experts_m.dtype, jnp.integer):
+    raise ValueError(f"kernels_pallas.gmv: experts must be integer, got {experts_m.dtype}.")
+  k_w = w_ekn.shape[2] if transpose_rhs else w_ekn.shape[1]
+  n_w = w_ekn.shape[1] if transpose_rhs else w_ekn.shape[2]
+  if x_mk.shape[1] != k_w:
+    raise ValueError(f"kernels_pallas.gmv: x {x_mk.shape} and w {w_ekn.shape} disagree on K "
+                     f"(transpose_rhs={transpose_rhs}).")
+  out_dtype = jnp.dtype(out_dtype or x_mk.dtype)
+  dt = jnp.promote_types(x_mk.dtype, w_ekn.dtype)
+  m = x_mk.shape[0]
+  name = _dispatch.requested_backend("gmm", backend)
+  if name == "auto":
+    name = _auto(m, k_w, n_w, dt) if m <= _min_rows("gpu") else "reference"
+  _dispatch.check_known("gmv", name, BACKENDS)
+  if name not in ("reference", "gpu"):
+    name = "reference"   # the TPU kernel has no row-visit form yet
+  x_mk, w_ekn = x_mk.astype(dt), w_ekn.astype(dt)
+  return _gmv(name, out_dtype, bool(transpose_rhs), x_mk, w_ekn, experts_m.astype(jnp.int32))
+
+
 def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, backend=None):
   """dw[e] = x[rows of e]^T @ dy[rows of e] -> [E, K, N] (fp32 accumulation)."""
   x_mk, dy_mn, group_sizes_e = map(jnp.asarray, (x_mk, dy_mn, group_sizes_e))
@@ -151,4 +206,4 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, backend=None):
   return _tgmm(name, out_dtype, x_mk, dy_mn, group_sizes_e.astype(jnp.int32))
 
 
-__all__ = ["gmm", "tgmm", "BACKENDS"]
+__all__ = ["gmm", "gmv", "tgmm", "BACKENDS"]

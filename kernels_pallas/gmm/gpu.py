@@ -8,6 +8,12 @@ warpgroup owns half of the N tile; partial tiles are stored with a ladder of pow
 TMA stores so rows of the next group are never touched; the zero pseudo-group writes the
 padded rows past sum(group_sizes).
 
+gmv: the same kernel over `schedule.row_schedule`: one visit per row, each row its own
+expert (one token's top-k at decode), no sort.
+
+The persistent loop stops at the visits that hold rows (a traced count): walking the empty
+static visits cost ~0.05 ms per batch-1 call.
+
 tgmm: a work item is (group, K tile, N tile); the pipeline runs over the group's rows in
 chunks starting at the group's first row; the last chunk's rows past the group are zeroed
 in shared memory (dy side, each warpgroup its own half) before the wgmma.
@@ -20,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas import _compat
-from kernels_pallas.gmm.schedule import cdiv, group_bounds, group_start_schedule
+from kernels_pallas.gmm.schedule import cdiv, group_bounds, group_start_schedule, row_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,25 +143,48 @@ def _ladder_store(plgpu, pl, src_smem, dst_gmem, lead, rows, max_rows):
     size //= 2
 
 
+def _tiling_or_raise(op, x_mk, w_ekn, transpose_rhs, tiling):
+  ok, why = supports(x_mk, w_ekn, transpose_rhs=transpose_rhs, tiling=tiling)
+  if not ok:
+    raise ValueError(f"kernels_pallas.{op} backend='gpu': {why}; use backend='reference'.")
+  n = w_ekn.shape[1] if transpose_rhs else w_ekn.shape[2]
+  return tiling or select_tiling(*x_mk.shape, n, x_mk.dtype)
+
+
 def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tiling=None,
         interpret=False):
   del interpret
+  t = _tiling_or_raise("gmm", x_mk, w_ekn, transpose_rhs, tiling)
+  sched = group_start_schedule(group_sizes_e, x_mk.shape[0], t.tile_m, zero_tail=True, align=ALIGN)
+  # The visits that hold rows come first; the persistent loop stops there. Skipping the
+  # rest one by one costs a few scalar loads each: ~2k empty items at batch-1 decode.
+  used = jnp.sum(sched.rows_v > 0, dtype=jnp.int32).reshape(1)
+  return _visit_matmul(x_mk, w_ekn, sched, used, t, out_dtype, transpose_rhs)
+
+
+def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=None,
+        interpret=False):
+  """y[r] = x[r] @ w[experts[r]] for the first len(experts) rows of x, one visit per row.
+
+  x is padded to at least one row tile; rows past len(experts) are left unwritten.
+  """
+  del interpret
+  t = _tiling_or_raise("gmv", x_mk, w_ekn, transpose_rhs, tiling)
+  sched = row_schedule(experts_m, align=ALIGN)
+  used = jnp.full((1,), sched.group_v.shape[0], jnp.int32)
+  return _visit_matmul(x_mk, w_ekn, sched, used, t, out_dtype, transpose_rhs)
+
+
+def _visit_matmul(x_mk, w_ekn, sched, used_visits, t, out_dtype, transpose_rhs):
+  """The kernel: for each of the first used_visits visits and each N tile, rows of one group."""
   m, k = x_mk.shape
   num_groups = w_ekn.shape[0]
   n = w_ekn.shape[1] if transpose_rhs else w_ekn.shape[2]
   out_dtype = jnp.dtype(out_dtype or x_mk.dtype)
-  ok, why = supports(x_mk, w_ekn, transpose_rhs=transpose_rhs, tiling=tiling)
-  if not ok:
-    raise ValueError(f"kernels_pallas.gmm backend='gpu': {why}; use backend='reference'.")
-  t = tiling or select_tiling(m, k, n, x_mk.dtype)
   pl, plgpu = _compat.mgpu()
   tm, tn, tk = t.tile_m, t.tile_n, t.tile_k
   cta_n = 2 * tn
-  sched = group_start_schedule(group_sizes_e, m, tm, zero_tail=True, align=ALIGN)
   num_visits = sched.group_v.shape[0]
-  # The visits that hold rows come first; the persistent loop stops there. Skipping the
-  # rest one by one costs a few scalar loads each: ~2k empty items at batch-1 decode.
-  used_visits = jnp.sum(sched.rows_v > 0, dtype=jnp.int32).reshape(1)
   grid_n = n // cta_n
   k_iters = k // tk
   x_tf = _compat.swizzle_transforms(tk, x_mk.dtype)

@@ -79,3 +79,17 @@ def tgmm_reference(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, num_groups=Non
   dw0 = jnp.zeros((num_groups + 1, k, n), jnp.float32)
   dw, _ = lax.scan(body, dw0, (sched.group_v, sched.start_v, sched.rows_v))
   return dw[:num_groups].astype(out_dtype)
+
+
+def gmv_reference(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False):
+  """y[r] = x[r] @ w[experts[r]] (or w[experts[r]]^T): one row at a time, no weight gather."""
+  x_mk, w_ekn = jnp.asarray(x_mk), jnp.asarray(w_ekn)
+  out_dtype = out_dtype or x_mk.dtype
+  contract = ((0,), (1,)) if transpose_rhs else ((0,), (0,))
+
+  def one(args):
+    x_k, e = args
+    return lax.dot_general(x_k, w_ekn[e], (contract, ((), ())),
+                           precision=precision_for(x_mk.dtype), preferred_element_type=jnp.float32)
+
+  return lax.map(one, (x_mk, experts_m.astype(jnp.int32))).astype(out_dtype)

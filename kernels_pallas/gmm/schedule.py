@@ -70,6 +70,17 @@ def group_start_schedule(group_sizes_e, m, tm, *, zero_tail=True, align=1) -> Sc
   return Schedule(g, jnp.where(valid, start_v, 0), rows_v, starts[g], ends[g])
 
 
+def row_schedule(experts_m, *, align=1) -> Schedule:
+  """One visit per row r = 0..M-1, group experts[r]: rows that each name their own expert.
+
+  No sort: for a decode token's top-k experts (distinct), the slot order is fine as it is.
+  A visit starts at r rounded down to `align` and writes row r alone (rows [lo - start, rows)).
+  """
+  rows = jnp.arange(experts_m.shape[0], dtype=jnp.int32)
+  start = rows // align * align
+  return Schedule(experts_m.astype(jnp.int32), start, rows + 1 - start, rows, rows + 1)
+
+
 def aligned_schedule(group_sizes_e, m, tm, *, zero_tail=False, visit_empty=False) -> Schedule:
   """Visits on tile-aligned row blocks (start_v = block * tm), in group then block order.
 
