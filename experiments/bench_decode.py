@@ -7,12 +7,14 @@ as many layers as fit one device next to a batch x (input + output)-token cache)
   * the engine's jitted decode step alone at context = input_len and = input + output (full
     cache): step time with the steps dispatched back to back as the engine's loop runs them (the
     time of one step waited for alone, host dispatch included, is printed too), and the roofline = (weight bytes read + KV bytes read) / copy bandwidth
-    measured in the same run. Weight bytes count the distinct experts the step's tokens route to.
+    measured in the same run. Weight bytes count the distinct experts the step's tokens route to
+    (counted by a forward over that step's tokens, not assumed uniform).
 Per-layer time = (step - head) / layers, where head = embed + final norm + logits + sampling timed
 alone; the 32-layer figure is head + 32 x per-layer. Tokens/s for the whole 2048 -> 16384 run uses
 the mean of the two step times (step time is linear in KV length).
 
   python experiments/bench_decode.py [--profile]         # GPU, A13B, batches 1/16/32; top kernels
+  python experiments/bench_decode.py --tensor=2           # the model over 2 GPUs (tensor parallel)
   python experiments/bench_decode.py --config=tiny --layers=2 --batches=1,2 --input_len=32 \
       --output_len=8 --full_output_len=24 --timing_steps=3    # CPU smoke run
 """
@@ -38,9 +40,10 @@ import numpy as np
 from absl import app, flags
 
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.model import init_params
+from hunyuan_jax.model import forward, init_params, moe_parallel
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve.engine import Engine, cache_bytes
+from hunyuan_jax.serve.loader import make_mesh_for_serving, random_params
 from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, sample
 from profile_util import print_top, top_kernels
 
@@ -55,6 +58,8 @@ flags.DEFINE_integer("timing_steps", 10, "timed repetitions of the decode step")
 flags.DEFINE_string("json_out", "", "write results here")
 flags.DEFINE_bool("profile", False, "print the top device kernels of the decode step at full context")
 flags.DEFINE_integer("profile_top", 15, "kernels listed by --profile")
+flags.DEFINE_integer("tensor", 1, "tensor-parallel devices (heads, FFN width and KV heads split)")
+flags.DEFINE_integer("expert", 1, "expert-parallel devices")
 FLAGS = flags.FLAGS
 
 
@@ -101,11 +106,33 @@ def layer_weight_bytes(params, cfg, distinct_experts: float) -> tuple[float, flo
   return layer, head + params["final_norm"]["scale"].nbytes
 
 
-def distinct_experts(cfg, b) -> float:
-  """Expected distinct experts per layer for b tokens routed uniformly (random weights route ~uniformly):
-  E (1 - (1 - k/E)^b); 8 at batch 1, 56.5 at 16, 63.1 at 32 for A13B."""
+def uniform_distinct_experts(cfg, b) -> float:
+  """Expected distinct experts per layer for b tokens routed uniformly: E (1 - (1 - k/E)^b);
+  8 at batch 1, 56.5 at 16, 63.1 at 32 for A13B. Printed beside the routed count only."""
   e, k = cfg.num_experts, cfg.moe_top_k[0]
   return e * (1 - (1 - k / e) ** b)
+
+
+def routed_experts(eng: Engine) -> float:
+  """Distinct experts per layer (mean over layers) that the engine's next decode step routes to:
+  the expert bytes that step reads. Counted, not assumed: random weights need not route uniformly."""
+  kv_len = eng._kv_len(int(np.max(np.asarray(eng.state.positions_b))) + 1)
+
+  def expert_fracs(params, cache, state):
+    small = jax.tree.map(lambda x: x[:, :, :, :kv_len], cache)
+    with moe_parallel.use_mesh(eng.mesh):
+      out = forward(params, state.tokens_b[:, None], state.positions_b[:, None], small, cfg=eng.cfg)
+    return [s.expert_frac_e for s in out.moe_stats.values()]
+  fracs = jax.jit(expert_fracs)(eng.params, eng.cache, eng.state)
+  per_layer = np.concatenate([np.asarray(f).reshape(-1, f.shape[-1]) for f in fracs])
+  return float((per_layer > 0).sum(-1).mean())
+
+
+def sampled(b: int) -> SamplingArrays:
+  """Temperature-1 sampling, one seed per slot. Random weights decoded greedily make every slot emit
+  the same few tokens, so a batch routes to far fewer experts than distinct requests do (24.6 of
+  64 at batch 16 on 2 x H200, uniform: 56.4); sampled tokens differ per slot, as requests do."""
+  return SamplingArrays.from_params([SamplingParams(temperature=1.0)] * b, [0] * b, list(range(b)))
 
 
 def time_fn(fn, args_fn, steps):
@@ -123,7 +150,7 @@ def time_fn(fn, args_fn, steps):
 def head_time(params, cfg, b, steps) -> float:
   """Embedding, final norm, logits and sampling: the per-step cost outside the layers."""
   model = Transformer(cfg)
-  sp = SamplingArrays.from_params([SamplingParams(temperature=0.0)] * b, [0] * b, [0] * b)
+  sp = sampled(b)
 
   def head(p, t):
     h = model.apply({"params": p}, t, method=Transformer.embed_tokens)
@@ -147,9 +174,10 @@ def decode_step_time(eng: Engine, context: int, steps: int, profile: str = "") -
   active = np.ones(b, bool)
   pos = np.full(b, context - 1, np.int32)
   kv_len = eng._kv_len(context)
-  sp = SamplingArrays.from_params([SamplingParams(temperature=0.0)] * b, [0] * b, [0] * b)
-
-  eng.state = eng._set_rows(eng.state, active, pos, sp)   # positions then advance by one per step
+  sp = sampled(b)
+  tokens = np.random.default_rng(context).integers(0, min(eng.cfg.vocab_size, 30000), b)
+  # positions then advance by one per step; the tokens are the slots' own samples from here on
+  eng.state = eng._set_rows(eng.state, active, pos, sp)._replace(tokens_b=jnp.asarray(tokens, jnp.int32))
 
   def run():
     _, eng.cache, eng.state = eng._decode(eng.params, eng.cache, eng.state, kv_len=kv_len)
@@ -175,16 +203,16 @@ def engine_run(eng: Engine, b: int, input_len: int, output_len: int, vocab: int)
   """TTFT of one prompt (after a warm-up request), then b prompts x output_len tokens through the loop."""
   rng = np.random.default_rng(0)
   prompt = lambda: [int(t) for t in rng.integers(0, min(vocab, 30000), input_len)]
-  greedy = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-  eng.generate([prompt()], dataclasses.replace(greedy, max_tokens=2))          # compile prefill + decode
-  r = eng.submit(prompt(), dataclasses.replace(greedy, max_tokens=2))
+  params = SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True)
+  eng.generate([prompt()], dataclasses.replace(params, max_tokens=2))          # compile prefill + decode
+  r = eng.submit(prompt(), dataclasses.replace(params, max_tokens=2))
   t = time.perf_counter()
   while not r.output_ids:
     eng.step()
   ttft = time.perf_counter() - t
   while not r.done:
     eng.step()
-  reqs = [eng.submit(prompt(), greedy) for _ in range(b)]
+  reqs = [eng.submit(prompt(), dataclasses.replace(params, seed=i)) for i in range(b)]
   t0 = time.perf_counter()
   while not all(q.output_ids for q in reqs):
     eng.step()
@@ -198,7 +226,12 @@ def engine_run(eng: Engine, b: int, input_len: int, output_len: int, vocab: int)
   return ttft, t_first, n / t_dec
 
 
-def pick_layers(cfg, b_max, max_len) -> int:
+def _in_use(dev) -> float:
+  return (dev.memory_stats() or {}).get("bytes_in_use", 0) / 2**30
+
+
+def pick_layers(cfg, b_max, max_len, n_dev=1) -> int:
+  """Layers that fit next to a b_max x max_len cache, weights and cache split over n_dev devices."""
   stats = jax.devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit", 0)
   if not limit:
@@ -209,7 +242,7 @@ def pick_layers(cfg, b_max, max_len) -> int:
   head = _bytes(shapes) - per_layer
   cache_layer = 2 * b_max * max_len * cfg.num_kv_heads * cfg.head_dim * 2
   # the decode step may hold a second copy of the cache (scan outputs); keep 6 GB for activations
-  n = int((limit - head - (6 << 30)) // (per_layer + 2 * cache_layer))
+  n = int((limit - head - (6 << 30)) // ((per_layer + 2 * cache_layer) / n_dev))
   return max(1, min(cfg.num_layers, n))
 
 
@@ -217,33 +250,53 @@ def main(_):
   cfg = ModelConfig.from_pretrained(FLAGS.config)
   batches = [int(b) for b in FLAGS.batches]
   max_len = FLAGS.input_len + FLAGS.full_output_len
-  n_layers = FLAGS.layers or pick_layers(cfg, max(batches), max_len)
+  mesh = make_mesh_for_serving(FLAGS.tensor, FLAGS.expert)
+  n_dev = FLAGS.tensor * FLAGS.expert
+  n_layers = FLAGS.layers or pick_layers(cfg, max(batches), max_len, n_dev)
   cfg = truncate_layers(cfg, n_layers)
   dev = jax.devices()[0]
-  print(f"device {dev.device_kind} | jax {jax.__version__} | {FLAGS.config} x {n_layers} layers | "
-        f"input {FLAGS.input_len} output {FLAGS.output_len} (cache {max_len})", flush=True)
-  bw = copy_bandwidth() if dev.platform == "gpu" else copy_bandwidth(64 << 20)
-  print(f"copy bandwidth {bw / 1e12:.3f} TB/s (read + written)", flush=True)
-  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+  print(f"device {n_dev} x {dev.device_kind} (mesh {dict(mesh.shape) if mesh else None}) | jax {jax.__version__} | "
+        f"{FLAGS.config} x {n_layers} layers | input {FLAGS.input_len} output {FLAGS.output_len} (cache {max_len})",
+        flush=True)
+  bw1 = copy_bandwidth() if dev.platform == "gpu" else copy_bandwidth(64 << 20)
+  # The roofline reads every distinct byte once at the devices' summed bandwidth. Replicated
+  # weights (embedding, router, norms) are read by every device but count once: their
+  # replication shows as lost fraction.
+  bw = bw1 * n_dev
+  print(f"copy bandwidth {bw1 / 1e12:.3f} TB/s per device (read + written), x{n_dev} = {bw / 1e12:.3f}", flush=True)
+  params = random_params(cfg, mesh, 0)
+  print(f"weights {_bytes(params) / 2**30:.1f} GiB; device 0 holds {_in_use(dev):.1f} GiB", flush=True)
   kv_row = cfg.num_kv_layers * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
   full_kv_row = kv_row / n_layers * 32
   rows = []
   for b in batches:
-    eng = Engine(cfg, params, max_slots=b, max_len=max_len, prefill_chunk=FLAGS.input_len,
-                 kv_block=FLAGS.kv_block)
-    t_stage = time.perf_counter()
-    ttft, t_first, tok_s_run = engine_run(eng, b, FLAGS.input_len, FLAGS.output_len, cfg.vocab_size)
-    ctx_lo, ctx_hi = FLAGS.input_len + 1, max_len
-    t_lo = decode_step_time(eng, ctx_lo, FLAGS.timing_steps)
-    t_hi = decode_step_time(eng, ctx_hi, FLAGS.timing_steps,
-                            profile=f"decode step, batch {b}, context {ctx_hi}" if FLAGS.profile else "")
-    t_head = head_time(params, cfg, b, FLAGS.timing_steps)
+    try:
+      eng = Engine(cfg, params, max_slots=b, max_len=max_len, prefill_chunk=FLAGS.input_len,
+                   kv_block=FLAGS.kv_block, mesh=mesh)
+      print(f"batch {b}: cache {eng.cache_bytes / 2**30:.1f} GiB; device 0 holds {_in_use(dev):.1f} GiB", flush=True)
+      t_stage = time.perf_counter()
+      ttft, t_first, tok_s_run = engine_run(eng, b, FLAGS.input_len, FLAGS.output_len, cfg.vocab_size)
+      ctx_lo, ctx_hi = FLAGS.input_len + 1, max_len
+      t_lo = decode_step_time(eng, ctx_lo, FLAGS.timing_steps)
+      ex_lo = routed_experts(eng)
+      t_hi = decode_step_time(eng, ctx_hi, FLAGS.timing_steps,
+                              profile=f"decode step, batch {b}, context {ctx_hi}" if FLAGS.profile else "")
+      ex_hi = routed_experts(eng)
+      t_head = head_time(params, cfg, b, FLAGS.timing_steps)
+    except jax.errors.JaxRuntimeError as e:   # report the batch that does not fit, go on
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      print(f"batch {b}: out of device memory ({str(e)[:200]})", flush=True)
+      eng = None
+      gc.collect()
+      continue
     print(f"batch {b}: measured in {time.perf_counter() - t_stage:.0f} s (compiles included)", flush=True)
-    ex = distinct_experts(cfg, b)
-    w_layer, w_head = layer_weight_bytes(params, cfg, ex)
     row = dict(batch=b, layers=n_layers, cache_gib=cache_bytes(eng.cache) / 2**30, ttft_s=ttft,
-               first_tokens_all_s=t_first, engine_tok_s=tok_s_run, distinct_experts=ex, head_ms=t_head * 1e3)
-    for name, ctx, (t, t_sync) in (("lo", ctx_lo, t_lo), ("hi", ctx_hi, t_hi)):
+               first_tokens_all_s=t_first, engine_tok_s=tok_s_run, head_ms=t_head * 1e3,
+               uniform_distinct_experts=uniform_distinct_experts(cfg, b))
+    for name, ctx, (t, t_sync), ex in (("lo", ctx_lo, t_lo, ex_lo), ("hi", ctx_hi, t_hi, ex_hi)):
+      w_layer, w_head = layer_weight_bytes(params, cfg, ex)
+      row[f"distinct_experts_{name}"] = ex
       kv = b * ctx * kv_row
       roof = (w_head + n_layers * w_layer + kv) / bw
       per_layer = (t - t_head) / n_layers
@@ -262,17 +315,18 @@ def main(_):
   print(f"\n| batch | TTFT {FLAGS.input_len} (s) | engine tok/s ({n_layers}L, ctx {FLAGS.input_len}+{FLAGS.output_len}) "
         f"| step ms @{FLAGS.input_len + 1} / roofline / frac | step ms @{max_len} / roofline / frac "
         f"| per-layer ms lo/hi | 32L step ms lo/hi | 32L frac lo/hi | 32L tok/s (2048->16384) "
-        f"| one step waited for, ms lo/hi |")
-  print("|" + "---|" * 10)
+        f"| one step waited for, ms lo/hi | experts read lo/hi (uniform) |")
+  print("|" + "---|" * 11)
   for r in rows:
     print(f"| {r['batch']} | {r['ttft_s']:.3f} | {r['engine_tok_s']:.1f} | {r['step_ms_lo']:.2f} / "
           f"{r['roof_ms_lo']:.2f} / {r['frac_lo']:.0%} | {r['step_ms_hi']:.2f} / {r['roof_ms_hi']:.2f} / "
           f"{r['frac_hi']:.0%} | {r['per_layer_ms_lo']:.3f} / {r['per_layer_ms_hi']:.3f} | "
           f"{r['step32_ms_lo']:.1f} / {r['step32_ms_hi']:.1f} | {r['frac32_lo']:.0%} / {r['frac32_hi']:.0%} | "
-          f"{r['tencent_tok_s_32l']:.1f} | {r['sync_step_ms_lo']:.2f} / {r['sync_step_ms_hi']:.2f} |")
+          f"{r['tencent_tok_s_32l']:.1f} | {r['sync_step_ms_lo']:.2f} / {r['sync_step_ms_hi']:.2f} | "
+          f"{r['distinct_experts_lo']:.1f} / {r['distinct_experts_hi']:.1f} ({r['uniform_distinct_experts']:.1f}) |")
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
-      json.dump(dict(device=dev.device_kind, jax=jax.__version__, copy_bw=bw, rows=rows), f, indent=1)
+      json.dump(dict(device=dev.device_kind, devices=n_dev, jax=jax.__version__, copy_bw=bw, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

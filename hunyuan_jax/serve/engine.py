@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.model import cache_logical_axes, forward, init_cache, write_kv_rows
+from hunyuan_jax.model import cache_logical_axes, forward, init_cache, moe_parallel, write_kv_rows
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, sample
 
@@ -112,12 +112,12 @@ class Engine:
     self.kv_block = kv_block
     self.eos_ids = set(eos_ids) or set(getattr(tokenizer, "eos_ids", None) or cfg.eos_token_ids)
     b, v = max_slots, cfg.vocab_size
-    self.cache = init_cache(cfg, b, self.max_len, cache_dtype)
+    make_cache = functools.partial(init_cache, cfg, b, self.max_len, cache_dtype)
     self._cache_shardings = None
-    if mesh is not None:
+    if mesh is not None:  # built in place, shard by shard: the whole cache may not fit one device
       from hunyuan_jax.sharding import shardings_for
-      self._cache_shardings = shardings_for(cache_logical_axes(cfg), self.cache, mesh)
-      self.cache = jax.device_put(self.cache, self._cache_shardings)
+      self._cache_shardings = shardings_for(cache_logical_axes(cfg), jax.eval_shape(make_cache), mesh)
+    self.cache = jax.jit(make_cache, out_shardings=self._cache_shardings)()
     self.cache_bytes = cache_bytes(self.cache)
     self._sp_host = [None] * b
     self.state = SlotState(jnp.zeros(b, jnp.int32), jnp.full(b, DROP, jnp.int32), jnp.zeros(b, bool),
@@ -130,8 +130,8 @@ class Engine:
     self._ids = itertools.count()
     self._lock = threading.Lock()
     self._wake = threading.Event()
-    self._decode = jax.jit(self._decode_fn, static_argnames=("kv_len",), donate_argnums=(1, 2))
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=("kv_len",), donate_argnums=(1, 2))
+    self._decode = jax.jit(self._on_mesh(self._decode_fn), static_argnames=("kv_len",), donate_argnums=(1, 2))
+    self._prefill = jax.jit(self._on_mesh(self._prefill_fn), static_argnames=("kv_len",), donate_argnums=(1, 2))
     self._set_rows = jax.jit(self._set_rows_fn, donate_argnums=(0,))
 
   # ---------------------------------------------------------------- public API (thread-safe)
@@ -336,6 +336,14 @@ class Engine:
     state = state._replace(tokens_b=jnp.where(act, tok_b, state.tokens_b),
                            positions_b=state.positions_b + act.astype(jnp.int32), sp=sp, counts_bv=counts)
     return tok_b, cache, state
+
+  def _on_mesh(self, fn):
+    """Traces `fn` with the MoE layers dispatching per shard (their kernels run on local experts)."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      with moe_parallel.use_mesh(self.mesh):
+        return fn(*args, **kwargs)
+    return traced
 
   def _constrain(self, cache):
     if self._cache_shardings is None:

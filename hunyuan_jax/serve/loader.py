@@ -31,7 +31,7 @@ def load_model(model: Optional[str], config: Optional[str] = None, *, random_wei
     cfg = override_from_strings(cfg, list(overrides))
     if dtype:
       cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-    return cfg, _random_params(cfg, mesh, seed)
+    return cfg, random_params(cfg, mesh, seed)
   if not os.path.isdir(model):
     raise FileNotFoundError(f"--model={model!r} is not a folder; pass an HF safetensors folder or an orbax checkpoint")
   cfg = ModelConfig.from_pretrained(config or model)
@@ -47,7 +47,7 @@ def load_model(model: Optional[str], config: Optional[str] = None, *, random_wei
   return cfg, params
 
 
-def _random_params(cfg: ModelConfig, mesh, seed: int):
+def random_params(cfg: ModelConfig, mesh, seed: int):
   from hunyuan_jax.model import init_params
   init = jax.jit(init_params, static_argnums=0)
   if mesh is not None:
