@@ -10,7 +10,6 @@ output slice reading one source tensor at a time. Export rules are the inverse f
     embed [V, H]                       model.embed_tokens.weight [V, H]          as is
     lm_head [V, H] (untied only)       lm_head.weight [V, H]                     as is
     groups_g/layer_j/attn/q [H, n, D]  model.layers.i.self_attn.q_proj [nD, H]   .T, split heads
-    .../attn/k, v [kv, D, H]           self_attn.{k,v}_proj [kv D, H]            split heads
     .../attn/o [n, D, H]               self_attn.o_proj [H, nD]                  .T, split heads
     .../moe/wi [E, H, 2, F]            mlp.experts.e.{gate,up}_proj [F, H]       .T, stack (0 = gate)
     .../moe/router [H, E]              mlp.gate.wg / mlp.router.gate [E, H]      .T
@@ -126,7 +125,7 @@ def _qkv(p: str, cfg: ModelConfig, which: str) -> Alternative:
     if which == "q":
       out[...] = w[:, :g].reshape(n, d, h).transpose(2, 0, 1)
     else:
-      out[...] = w[:, g if which == "k" else g + 1]
+      out[...] = w[:, g if which == "k" else g + 1].transpose(2, 0, 1)
 
   return Alternative({name: ((n + 2 * kv) * d, h)}, fill)
 
@@ -179,9 +178,7 @@ def _layer_alternatives(cfg: ModelConfig, p: str, rel: tuple[str, ...], shape) -
   if key == "attn/q":
     return _linear(p + a + "q_proj.weight", (n * d, h), shape) + [_qkv(p, cfg, "q")]
   if key in ("attn/k", "attn/v"):
-    name = p + a + f"{rel[1]}_proj.weight"
-    as_is = Alternative({name: (kv * d, h)}, lambda out, get: out.__setitem__(Ellipsis, get(name).reshape(shape)))
-    return [as_is, _qkv(p, cfg, rel[1])]
+    return _linear(p + a + f"{rel[1]}_proj.weight", (kv * d, h), shape) + [_qkv(p, cfg, rel[1])]
   if key == "attn/o":
     return _linear(p + a + "o_proj.weight", (h, n * d), shape)
   if key == "attn/q_norm":
@@ -281,10 +278,8 @@ def export_tensors(cfg: ModelConfig, sl: Slice, layout: str) -> Export:
     return [(p + name + ".weight", sl.shape, lambda x: x)]
   a = p + "self_attn."
   shared = p + ("mlp.shared_experts." if hy3 and layout == "fused" else "mlp.shared_mlp.")
-  if key in ("attn/k", "attn/v"):
-    return [(a + f"{sl.rel[1]}_proj.weight", (kv * d, h), lambda x: x.reshape(kv * d, h))]
-  if key in ("attn/q", "attn/o"):
-    out = (h, n * d) if key == "attn/o" else (n * d, h)
+  if key in ("attn/q", "attn/k", "attn/v", "attn/o"):
+    out = (h, n * d) if key == "attn/o" else ((n if key == "attn/q" else kv) * d, h)
     return [(a + f"{sl.rel[1]}_proj.weight", out, _tr(out))]
   if key in ("attn/q_norm", "attn/k_norm"):
     name = sl.rel[1] if hy3 else {"q_norm": "query_layernorm", "k_norm": "key_layernorm"}[sl.rel[1]]

@@ -121,12 +121,10 @@ class Attention(nn.Module):
       q = rms_norm(q, q_norm, cfg.rms_norm_eps)
 
     if self.kv_source == "self":
-      # [kv, D, H] (HF's [out, in]): at batch 1 XLA turns these small dots into multiply + reduce,
-      # which wants H minor; [H, kv, D] made it transpose every layer's K/V weights each step.
-      wk = param(self, "k", (kvh, d, h), ("kv_heads", "head_dim", "embed"), pdt, fan_in=h)
-      wv = param(self, "v", (kvh, d, h), ("kv_heads", "head_dim", "embed"), pdt, fan_in=h)
-      k = jnp.einsum("btd,nhd->btnh", x, wk.astype(dt))
-      v = jnp.einsum("btd,nhd->btnh", x, wv.astype(dt))
+      wk = param(self, "k", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
+      wv = param(self, "v", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
+      k = jnp.einsum("btd,dnh->btnh", x, wk.astype(dt))
+      v = jnp.einsum("btd,dnh->btnh", x, wv.astype(dt))
       if cfg.qk_norm == "before_rope":
         k = rms_norm(k, k_norm, cfg.rms_norm_eps)
       k = apply_rope(k, cos, sin)
