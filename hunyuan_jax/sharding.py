@@ -74,8 +74,17 @@ def shardings_for(logical_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for a pytree given its logical specs and its shapes (arrays or ShapeDtypeStructs)."""
   is_spec = lambda x: isinstance(x, P) or x is None
   return jax.tree.map(
-      lambda spec, x: NamedSharding(mesh, logical_to_mesh_spec(spec, x.shape, mesh)),
+      lambda spec, x: NamedSharding(mesh, _short(logical_to_mesh_spec(spec, x.shape, mesh))),
       logical_tree, shapes_tree, is_leaf=is_spec)
+
+
+def _short(spec: P) -> P:
+  """Drops trailing None: jit returns specs in this form, and an array passed back in with the long
+  form counts as a new sharding (the engine's second prefill recompiled for seconds)."""
+  parts = list(spec)
+  while parts and parts[-1] is None:
+    parts.pop()
+  return P(*parts)
 
 
 def param_shardings(cfg, mesh: Mesh) -> Any:

@@ -179,7 +179,8 @@ one = [r.output_ids for r in Engine(cfg, params, **kw).generate(prompts, g)]
 eng = Engine(cfg, sharded, mesh=mesh, **kw)
 many = [r.output_ids for r in eng.generate(prompts, g)]
 print(json.dumps({"one": one, "many": many, "cache_spec": str(jax.tree.leaves(eng.cache)[0].sharding.spec),
-                  "sharded_moe_calls": len(sharded_moe_calls)}))
+                  "sharded_moe_calls": len(sharded_moe_calls),
+                  "compiles": [f._cache_size() for f in (eng._prefill, eng._decode, eng._set_rows)]}))
 """
 
 
@@ -198,6 +199,8 @@ def test_sharded_engine_matches_single_device():
   assert "tensor" in out["cache_spec"] and "data" in out["cache_spec"]   # kv heads and slots are sharded
   # prefill and decode trace the MoE per shard (its kernels see local experts), not through GSPMD
   assert out["sharded_moe_calls"] > 0
+  # two prompts, one chunk bucket: outputs fed back keep their input shardings, so nothing recompiles
+  assert out["compiles"] == [1, 1, 1]
 
 
 def test_xla_flags_keep_the_users_values(monkeypatch):

@@ -123,6 +123,7 @@ class Engine:
     self.state = SlotState(jnp.zeros(b, jnp.int32), jnp.full(b, DROP, jnp.int32), jnp.zeros(b, bool),
                            SamplingArrays.from_params([None] * b, [0] * b, [0] * b),
                            jnp.zeros((b, v), jnp.int32), jnp.zeros((b, v), bool))
+    self.state = self._pin_state(self.state)
     self.slots: list[Optional[Request]] = [None] * b
     self._pos_host = np.zeros(b, np.int64)
     self._waiting: "queue.Queue[Request]" = queue.Queue()
@@ -258,9 +259,8 @@ class Engine:
     assert len(active) == b
     self.state = self._set_rows(self.state, active, pos, sp)
 
-  @staticmethod
-  def _set_rows_fn(state: SlotState, active, pos, sp):
-    return state._replace(active_b=active, positions_b=pos, sp=sp)
+  def _set_rows_fn(self, state: SlotState, active, pos, sp):
+    return self._pin_state(state._replace(active_b=active, positions_b=pos, sp=sp))
 
   def _kv_len(self, n: int) -> int:
     return int(min(self.max_len, -(-n // self.kv_block) * self.kv_block))
@@ -307,7 +307,7 @@ class Engine:
     tokens_b = state.tokens_b.at[slot].set(jnp.where(is_last, tok, state.tokens_b[slot]))
     state = state._replace(tokens_b=tokens_b, counts_bv=state.counts_bv.at[slot].set(counts_v),
                            prompt_bv=state.prompt_bv.at[slot].set(prompt_v))
-    return tok, cache, state
+    return tok, cache, self._pin_state(state)
 
   # ---------------------------------------------------------------- decode
   def _dispatch_decode(self, decoding):
@@ -335,7 +335,7 @@ class Engine:
     sp = state.sp._replace(step=state.sp.step + act.astype(jnp.uint32))
     state = state._replace(tokens_b=jnp.where(act, tok_b, state.tokens_b),
                            positions_b=state.positions_b + act.astype(jnp.int32), sp=sp, counts_bv=counts)
-    return tok_b, cache, state
+    return tok_b, cache, self._pin_state(state)
 
   def _on_mesh(self, fn):
     """Traces `fn` with the MoE layers dispatching per shard (their kernels run on local experts)."""
@@ -344,6 +344,16 @@ class Engine:
       with moe_parallel.use_mesh(self.mesh):
         return fn(*args, **kwargs)
     return traced
+
+  def _pin_state(self, state):
+    """Slot state stays replicated over the mesh. Were its sharding left to each program, the next
+    call would see new input shardings and recompile (the second prefill did, for seconds)."""
+    if self.mesh is None:
+      return state
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    if isinstance(jax.tree.leaves(state)[0], jax.core.Tracer):
+      return jax.lax.with_sharding_constraint(state, replicated)
+    return jax.device_put(state, replicated)
 
   def _constrain(self, cache):
     if self._cache_shardings is None:
