@@ -123,7 +123,10 @@ class Engine:
     self.state = SlotState(jnp.zeros(b, jnp.int32), jnp.full(b, DROP, jnp.int32), jnp.zeros(b, bool),
                            SamplingArrays.from_params([None] * b, [0] * b, [0] * b),
                            jnp.zeros((b, v), jnp.int32), jnp.zeros((b, v), bool))
-    self.state = self._pin_state(self.state)
+    self._state_sharding = None
+    if mesh is not None:
+      self._state_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      self.state = jax.device_put(self.state, self._state_sharding)
     self.slots: list[Optional[Request]] = [None] * b
     self._pos_host = np.zeros(b, np.int64)
     self._waiting: "queue.Queue[Request]" = queue.Queue()
@@ -348,12 +351,9 @@ class Engine:
   def _pin_state(self, state):
     """Slot state stays replicated over the mesh. Were its sharding left to each program, the next
     call would see new input shardings and recompile (the second prefill did, for seconds)."""
-    if self.mesh is None:
+    if self._state_sharding is None:
       return state
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    if isinstance(jax.tree.leaves(state)[0], jax.core.Tracer):
-      return jax.lax.with_sharding_constraint(state, replicated)
-    return jax.device_put(state, replicated)
+    return jax.lax.with_sharding_constraint(state, self._state_sharding)
 
   def _constrain(self, cache):
     if self._cache_shardings is None:
