@@ -6,13 +6,16 @@ K/V flow (HUNYUAN_SPEC.md 2.4, 2.6):
   (one entry per layer pair) and every layer norms them on read; a model without CLA keeps the
   final keys so that decode reads the cache once.
 
-Cache layout per cached layer: k, v [B, n_kv, S_max, D] (heads before length, so the score and
-P.V matmuls read it without a transpose). The cache is read-only inside the layer stack: a layer
-attends to the cached rows before its chunk plus the chunk's own new K/V, and returns the new rows;
-`write_kv_rows` stores them after the stack in one scatter (in place when the cache is donated), so
-the layer scan never copies the cache. A query at absolute position p sees cached rows
-j < (first position of its chunk) of its own batch row plus the chunk's rows at positions <= p, so
-slots of a continuous batch never see another slot's or a stale entry.
+Cache layout: k, v [layers, B, n_kv, S_max, D] (heads before length, so the score and P.V
+matmuls read it without a transpose). Every layer gets the whole stacked cache and its layer index:
+the cache is read-only inside the layer stack, and `kernels_pallas.decode_attention` reads the
+layer's rows in place (on Hopper only those below each row's length: no slice, no copy, one
+program for every length). A layer attends to the cached rows before its chunk plus the chunk's
+own new K/V (two parts merged by their log-sum-exp: one softmax), and returns the new rows;
+`write_kv_rows` stores them after the stack in one scatter (in place when the cache is donated).
+A query at absolute position p sees cached rows j < (first position of its chunk) of its own batch
+row plus the chunk's rows at positions <= p, so slots of a continuous batch never see another
+slot's or a stale entry; a chunk at a position past the cache (an idle slot) reads no rows.
 """
 from __future__ import annotations
 
@@ -22,8 +25,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import kernels_pallas as kp
 from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.model import moe_parallel
 from hunyuan_jax.model.layers import apply_rope, compute_dtype, einsum_f32, param, rms_norm
+from hunyuan_jax.sharding import logical_to_mesh_spec
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax, not NaN
 
@@ -52,6 +58,10 @@ def write_kv_rows(cache: KV, rows: KV, positions_bt: jax.Array, batch_index_b=No
   return KV(put(cache.k_bsnd, rows.k_bsnd), put(cache.v_bsnd, rows.v_bsnd))
 
 
+def _layer(stacked, layer):
+  return jax.lax.dynamic_index_in_dim(stacked, layer, 0, keepdims=False)
+
+
 def attention_mask(q_pos_bt, k_pos_bs, q_seg_bt=None, k_seg_bs=None) -> jax.Array:
   """Causal (by absolute position) and same-segment mask -> bool [B, T, S]."""
   mask = k_pos_bs[:, None, :] <= q_pos_bt[:, :, None]
@@ -60,30 +70,73 @@ def attention_mask(q_pos_bt, k_pos_bs, q_seg_bt=None, k_seg_bs=None) -> jax.Arra
   return mask
 
 
-def dot_attention(q_btnd, k_bsnd, v_bsnd, mask_bts, dtype, cached: Optional[KV] = None,
-                  cached_mask_bts=None) -> jax.Array:
-  """Reference attention: fp32 scores and softmax, probabilities cast back before P.V.
-
-  `cached` (k, v [B, n_kv, S, D]) adds read-only cache rows beside the chunk's own K/V; one softmax
-  spans both.
-  """
+def dot_attention(q_btnd, k_bsnd, v_bsnd, mask_bts, dtype) -> jax.Array:
+  """Reference attention: fp32 scores and softmax, probabilities cast back before P.V."""
   b, t, n, d = q_btnd.shape
   kv = k_bsnd.shape[2]
   q = q_btnd.reshape(b, t, kv, n // kv, d)  # query head h uses kv head h // G
   s = einsum_f32("btkgd,bskd->bkgts", q, k_bsnd.astype(q.dtype))
   s = jnp.where(mask_bts[:, None, None], s * (d ** -0.5), NEG_INF)
-  if cached is not None:
-    s_old = einsum_f32("btkgd,bksd->bkgts", q, cached.k_bsnd.astype(q.dtype))
-    s_old = jnp.where(cached_mask_bts[:, None, None], s_old * (d ** -0.5), NEG_INF)
-    s = jnp.concatenate([s_old, s], axis=-1)
   p = jax.nn.softmax(s, axis=-1).astype(dtype)
-  if cached is not None:
-    s_max = cached.k_bsnd.shape[2]
-    o = (jnp.einsum("bkgts,bksd->btkgd", p[..., :s_max], cached.v_bsnd.astype(dtype)) +
-         jnp.einsum("bkgts,bskd->btkgd", p[..., s_max:], v_bsnd.astype(dtype)))
-  else:
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v_bsnd.astype(dtype))
+  o = jnp.einsum("bkgts,bskd->btkgd", p, v_bsnd.astype(dtype))
   return o.reshape(b, t, n, d)
+
+
+def cached_attention(q_btnd, k_btkd, v_btkd, mask_btt, cache: KV, layer, lengths_b, dtype) -> jax.Array:
+  """Attention over `lengths_b` cached rows of `layer` plus the chunk's own rows, one softmax.
+
+  The cache part (`kernels_pallas.decode_attention`) returns its normalised output and
+  log-sum-exp; the chunk part is computed here and the two merge in fp32.
+  """
+  b, t, n, d = q_btnd.shape
+  kv = k_btkd.shape[2]
+  g = n // kv
+  q5 = q_btnd.reshape(b, t, kv, g, d)
+  q_bkrd = jnp.moveaxis(q5, 1, 2).reshape(b, kv, t * g, d)   # rows (token, head) share a kv head
+  o_c, lse_c = _decode_attention(q_bkrd, cache.k_bsnd, cache.v_bsnd, lengths_b, layer)
+  o_c = jnp.moveaxis(o_c.reshape(b, kv, t, g, d), 2, 1)      # [b, t, kv, g, d]
+  lse_c = jnp.moveaxis(lse_c.reshape(b, kv, t, g), 2, 1)
+
+  s = einsum_f32("btkgd,bskd->btkgs", q5, k_btkd.astype(q5.dtype)) * (d ** -0.5)
+  s = jnp.where(mask_btt[:, :, None, None], s, NEG_INF)
+  m_n = jnp.max(s, axis=-1)
+  p = jnp.exp(s - m_n[..., None])
+  o_n = jnp.einsum("btkgs,bskd->btkgd", p.astype(dtype), v_btkd.astype(dtype),
+                   preferred_element_type=jnp.float32)
+  m = jnp.maximum(m_n, lse_c)
+  w_c, w_n = jnp.exp(lse_c - m), jnp.exp(m_n - m)
+  o = (w_c[..., None] * o_c + w_n[..., None] * o_n) / (w_c + w_n * jnp.sum(p, axis=-1))[..., None]
+  return o.astype(dtype).reshape(b, t, n, d)
+
+
+def cache_read_in_place(cfg: ModelConfig, batch: int, max_len: int, cache_dtype=None) -> bool:
+  """Whether a decode step's cache attention runs the kernel that reads the whole cache in place
+  up to each row's length (callers then pass the whole cache: no length bucket to slice)."""
+  if _store_prenorm_keys(cfg):   # CLA keys are normed on read: the layer's keys are materialised
+    return False
+  q = (batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+  c = (1, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  dt = jnp.dtype(cache_dtype or cfg.dtype)
+  return dt == compute_dtype(cfg) and kp.decode_attention_backend(q, c, dt) != "reference"
+
+
+def _decode_attention(q_bkrd, k_cache, v_cache, lengths_b, layer):
+  """`kp.decode_attention`, per shard under an active mesh when a kernel runs (a custom call has
+  no sharding rule; the reference goes through GSPMD)."""
+  mesh = moe_parallel.active_mesh()
+  if k_cache.dtype != q_bkrd.dtype:
+    return kp.decode_attention(q_bkrd, k_cache, v_cache, lengths_b, layer, backend="reference")
+  if mesh is None or kp.decode_attention_backend(q_bkrd.shape, k_cache.shape, q_bkrd.dtype) == "reference":
+    return kp.decode_attention(q_bkrd, k_cache, v_cache, lengths_b, layer)
+  spec = lambda names, x: logical_to_mesh_spec(jax.sharding.PartitionSpec(*names), x.shape, mesh)
+  q_spec = spec(("batch", "kv_heads", None, None), q_bkrd)
+  c_spec = spec(("layers", "batch", "kv_heads", "cache_length", "head_dim"), k_cache)
+  lse_spec = jax.sharding.PartitionSpec(*q_spec[:3])
+  fn = jax.shard_map(lambda q, k, v, ln, lay: kp.decode_attention(q, k, v, ln, lay), mesh=mesh,
+                     in_specs=(q_spec, c_spec, c_spec, jax.sharding.PartitionSpec(q_spec[0]),
+                               jax.sharding.PartitionSpec()),
+                     out_specs=(q_spec, lse_spec), check_vma=False)
+  return fn(q_bkrd, k_cache, v_cache, lengths_b, jnp.asarray(layer, jnp.int32))
 
 
 def flash_attention(q_btnd, k_bsnd, v_bsnd, dtype) -> jax.Array:
@@ -99,8 +152,11 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_btd, cos_sin, positions_bt, segment_ids_bt=None,
-               shared_kv: Optional[KV] = None, cache: Optional[KV] = None):
-    """Returns (out_btd, this chunk's K/V rows for the cache and the next CLA layer)."""
+               shared_kv: Optional[KV] = None, cache: Optional[KV] = None, layer=None):
+    """Returns (out_btd, this chunk's K/V rows for the cache and the next CLA layer).
+
+    `cache` is the stacked cache [layers, B, n_kv, S, D]; `layer` (traced) picks this layer's.
+    """
     cfg, dt = self.cfg, compute_dtype(self.cfg)
     pdt = jnp.dtype(cfg.param_dtype)
     n, kvh, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
@@ -139,19 +195,19 @@ class Attention(nn.Module):
     keys, values = rows
     if _store_prenorm_keys(cfg):  # each layer of a CLA pair applies its own key norm on read
       keys = rms_norm(keys.astype(dt), k_norm, cfg.rms_norm_eps)
-      if cache is not None:
-        cache = KV(rms_norm(cache.k_bsnd.astype(dt), k_norm, cfg.rms_norm_eps), cache.v_bsnd)
+      if cache is not None:   # this layer's normed keys, as a one-layer stack
+        normed = rms_norm(_layer(cache.k_bsnd, layer).astype(dt), k_norm, cfg.rms_norm_eps)
+        cache, layer = KV(normed[None], _layer(cache.v_bsnd, layer)[None]), 0
 
-    if cache is None and cfg.attention_impl == "cudnn" and segment_ids_bt is None:
+    mask = attention_mask(positions_bt, positions_bt, segment_ids_bt, segment_ids_bt)
+    if cache is not None:   # cached rows strictly before this chunk's first position
+      s_max = cache.k_bsnd.shape[3]
+      start_b = jnp.min(positions_bt, axis=1)
+      lengths_b = jnp.where(start_b < s_max, start_b, 0)
+      o = cached_attention(q, keys, values, mask, cache, layer, lengths_b, dt)
+    elif cfg.attention_impl == "cudnn" and segment_ids_bt is None:
       o = flash_attention(q, keys, values, dt)
     else:
-      mask = attention_mask(positions_bt, positions_bt, segment_ids_bt, segment_ids_bt)
-      cached_mask = None
-      if cache is not None:  # cached rows strictly before this chunk's first position
-        s_max = cache.k_bsnd.shape[2]
-        start_b1 = jnp.min(positions_bt, axis=1, keepdims=True)
-        cached_mask = jnp.broadcast_to((jnp.arange(s_max)[None] < start_b1)[:, None, :],
-                                       (positions_bt.shape[0], positions_bt.shape[1], s_max))
-      o = dot_attention(q, keys, values, mask, dt, cache, cached_mask)
+      o = dot_attention(q, keys, values, mask, dt)
     out = jnp.einsum("btnh,nhd->btd", o.astype(dt), wo.astype(dt))
     return out, rows

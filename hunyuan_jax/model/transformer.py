@@ -35,11 +35,11 @@ class DecoderLayer(nn.Module):
   spec: LayerSpec
 
   @nn.compact
-  def __call__(self, h_btd, cos_sin, positions_bt, segment_ids_bt, shared_kv, cache):
+  def __call__(self, h_btd, cos_sin, positions_bt, segment_ids_bt, shared_kv, cache, layer=None):
     cfg = self.cfg
     a, kv = Attention(cfg, self.spec.kv_source, name="attn")(
         RMSNorm(cfg, name="input_norm")(h_btd), cos_sin, positions_bt, segment_ids_bt,
-        shared_kv, cache)
+        shared_kv, cache, layer)
     h_btd = h_btd + a
     x = RMSNorm(cfg, name="post_attn_norm")(h_btd)
     if self.spec.ffn == "moe":
@@ -69,19 +69,19 @@ class MTPLayer(nn.Module):
 class Unit(nn.Module):
   """One repetition of a layer pattern (at most one layer owns K/V); the scan body.
 
-  The cache slice is a read-only scan input; the new K/V rows are a scan output, so the scan
-  never copies the cache (see attention.py).
+  Every unit gets the whole stacked cache (read-only, broadcast) and its own index into it; the
+  new K/V rows are a scan output, so the scan never copies the cache (see attention.py).
   """
   cfg: ModelConfig
   pattern: tuple
 
   @nn.compact
-  def __call__(self, h_btd, cache, cos_sin, positions_bt, segment_ids_bt):
+  def __call__(self, h_btd, cache, index, cos_sin, positions_bt, segment_ids_bt):
     shared_kv, rows, stats = None, None, []
     for j, spec in enumerate(self.pattern):
       # A CLA "shared" layer reads the K/V rows (and cache) of the self layer before it.
       h_btd, shared_kv, s = DecoderLayer(self.cfg, spec, name=f"layer_{j}")(
-          h_btd, cos_sin, positions_bt, segment_ids_bt, shared_kv, cache)
+          h_btd, cos_sin, positions_bt, segment_ids_bt, shared_kv, cache, index)
       if spec.kv_source == "self":
         rows = shared_kv
       if s is not None:
@@ -116,7 +116,7 @@ def _scanned_unit(cfg: ModelConfig, repeats: int):
     unit_cls = nn.remat(Unit, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
   return nn.scan(
       unit_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=repeats,
+      in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=repeats,
       metadata_params={nn.PARTITION_NAME: "layers"})
 
 
@@ -160,10 +160,11 @@ class Transformer(nn.Module):
     h = self.embed_tokens(tokens_bt)
     cos_sin = rope_cos_sin(cfg, positions_bt, compute_dtype(cfg))
     new_cache, rows, stats = {}, {}, {}
-    for i, group in enumerate(self.groups):
+    for i, (group, (_, repeats)) in enumerate(zip(self.groups, cfg.layer_groups())):
       key = f"groups_{i}"
       group_cache = None if cache is None else cache.get(key)
-      h, (group_rows, gs) = group(h, group_cache, cos_sin, positions_bt, segment_ids_bt)
+      h, (group_rows, gs) = group(h, group_cache, jnp.arange(repeats), cos_sin, positions_bt,
+                                  segment_ids_bt)
       if group_rows is not None:
         rows[key] = group_rows
         new_cache[key] = write_kv_rows(group_cache, group_rows, positions_bt)

@@ -6,9 +6,11 @@
 Both prefill and decode call the core `forward` with a cache (rows are independent: a query at
 position p sees cache rows j <= p of its own slot, so a reused slot never sees stale entries).
 Shapes are bucketed so requests join and leave without recompiling: the decode batch is always
-`max_slots` (free rows write at a dropped position), prefill chunks are powers of two up to
-`prefill_chunk`, and attention runs over the cache prefix rounded up to `kv_block` rows, so the
-bytes a decode step reads track the longest live sequence, not `max_len`.
+`max_slots` (free rows write at a dropped position) and prefill chunks are powers of two up to
+`prefill_chunk`. Where the decode-attention kernel runs (Hopper), a decode step passes the whole
+cache and the kernel reads each slot's rows below its length in place: one program for every
+length. Elsewhere attention runs over the cache prefix rounded up to `kv_block` rows (one program
+per bucket), so the bytes a step reads track the longest live sequence, not `max_len`.
 
 Decode state (last token, position, sampling parameters, penalty counts) lives on the device and
 the step donates it with the cache; the host reads step n's tokens after dispatching step n+1, so
@@ -31,6 +33,7 @@ import numpy as np
 
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.model import cache_logical_axes, forward, init_cache, moe_parallel, write_kv_rows
+from hunyuan_jax.model.attention import cache_read_in_place
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, sample
 
@@ -110,6 +113,7 @@ class Engine:
     self.max_len = int(max_len or cfg.max_position_embeddings)
     self.prefill_chunk = max(16, 1 << (int(prefill_chunk) - 1).bit_length())
     self.kv_block = kv_block
+    self.cache_in_place = cache_read_in_place(cfg, max_slots, self.max_len, cache_dtype)
     self.eos_ids = set(eos_ids) or set(getattr(tokenizer, "eos_ids", None) or cfg.eos_token_ids)
     b, v = max_slots, cfg.vocab_size
     make_cache = functools.partial(init_cache, cfg, b, self.max_len, cache_dtype)
@@ -268,6 +272,10 @@ class Engine:
   def _kv_len(self, n: int) -> int:
     return int(min(self.max_len, -(-n // self.kv_block) * self.kv_block))
 
+  def _decode_kv_len(self, n: int) -> int:
+    """The cache rows a decode step with `n` rows in use passes on (a static argument)."""
+    return self.max_len if self.cache_in_place else self._kv_len(n)
+
   # ---------------------------------------------------------------- prefill
   def _prefill_waiting_slots(self):
     for i, r in enumerate(self.slots):
@@ -314,7 +322,7 @@ class Engine:
 
   # ---------------------------------------------------------------- decode
   def _dispatch_decode(self, decoding):
-    kv_len = self._kv_len(int(max(self._pos_host[i] for i, _ in decoding)) + 1)
+    kv_len = self._decode_kv_len(int(max(self._pos_host[i] for i, _ in decoding)) + 1)
     toks, self.cache, self.state = self._decode(self.params, self.cache, self.state, kv_len=kv_len)
     for i, r in decoding:
       self._pos_host[i] += 1
@@ -327,7 +335,8 @@ class Engine:
   def _decode_fn(self, params, cache, state: SlotState, *, kv_len):
     b = self.max_slots
     pos_b = jnp.where(state.active_b, state.positions_b, DROP)
-    # Attend over the used prefix only (kv_len bucket); the cache axes are [R, B, n_kv, S, D].
+    # Attend over the used prefix only (kv_len bucket) unless the kernel reads the cache in place;
+    # the cache axes are [R, B, n_kv, S, D].
     small = cache if kv_len == self.max_len else jax.tree.map(lambda x: x[:, :, :, :kv_len], cache)
     out = forward(params, state.tokens_b[:, None], pos_b[:, None], small, cfg=self.cfg)
     cache = _rows_to_cache(cache, out.kv_rows, pos_b[:, None])
