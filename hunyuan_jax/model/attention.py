@@ -179,8 +179,12 @@ class Attention(nn.Module):
     if self.kv_source == "self":
       wk = param(self, "k", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
       wv = param(self, "v", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
-      k = jnp.einsum("btd,dnh->btnh", x, wk.astype(dt))
-      v = jnp.einsum("btd,dnh->btnh", x, wv.astype(dt))
+      # One token (batch-1 decode): XLA's GPU simplifier turns these vector x matrix dots into
+      # multiply + reduce and transposes every layer's stacked K/V weights for it, each step
+      # (0.08 ms of a 3.3 ms H100 step, 7 layers). Two rows keep them cuBLAS GEMMs.
+      xk = jnp.concatenate([x, x], axis=1) if x.shape[:2] == (1, 1) else x
+      k = jnp.einsum("btd,dnh->btnh", xk, wk.astype(dt))[:, :x.shape[1]]
+      v = jnp.einsum("btd,dnh->btnh", xk, wv.astype(dt))[:, :x.shape[1]]
       if cfg.qk_norm == "before_rope":
         k = rms_norm(k, k_norm, cfg.rms_norm_eps)
       k = apply_rope(k, cos, sin)

@@ -17,7 +17,7 @@ flags.DEFINE_string("served_model_name", None, "model id reported by /v1/models 
 flags.DEFINE_string("api_key", None, "require 'Authorization: Bearer <key>' on /v1/*")
 flags.DEFINE_integer("max_slots", 8, "concurrent sequences in the decode batch")
 flags.DEFINE_integer("prefill_chunk", 512, "prompt tokens per prefill call")
-flags.DEFINE_integer("kv_block", 256, "attention reads the cache prefix rounded up to this many rows")
+flags.DEFINE_integer("kv_block", 256, "without the decode-attention kernel (non-Hopper), attention reads the cache prefix rounded up to this many rows")
 flags.DEFINE_bool("enable_thinking", True, "default chat_template_kwargs.enable_thinking")
 flags.DEFINE_bool("use_generation_config", True, "apply the model's generation_config.json sampling defaults")
 flags.DEFINE_bool("quiet", False, "no per-request log lines")
