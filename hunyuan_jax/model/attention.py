@@ -121,18 +121,19 @@ def cache_read_in_place(cfg: ModelConfig, batch: int, max_len: int, cache_dtype=
 
 
 def _decode_attention(q_bkrd, k_cache, v_cache, lengths_b, layer):
-  """`kp.decode_attention`, per shard under an active mesh when a kernel runs (a custom call has
-  no sharding rule; the reference goes through GSPMD)."""
+  """`kp.decode_attention`, per shard under an active mesh (the kernel is a custom call with no
+  sharding rule; the reference runs per shard too, so CPU tests cover the same specs)."""
   mesh = moe_parallel.active_mesh()
-  if k_cache.dtype != q_bkrd.dtype:
-    return kp.decode_attention(q_bkrd, k_cache, v_cache, lengths_b, layer, backend="reference")
-  if mesh is None or kp.decode_attention_backend(q_bkrd.shape, k_cache.shape, q_bkrd.dtype) == "reference":
-    return kp.decode_attention(q_bkrd, k_cache, v_cache, lengths_b, layer)
+  mixed = k_cache.dtype != q_bkrd.dtype or v_cache.dtype != q_bkrd.dtype
+  op = lambda q, k, v, ln, lay: kp.decode_attention(q, k, v, ln, lay,
+                                                    backend="reference" if mixed else None)
+  if mesh is None:
+    return op(q_bkrd, k_cache, v_cache, lengths_b, layer)
   spec = lambda names, x: logical_to_mesh_spec(jax.sharding.PartitionSpec(*names), x.shape, mesh)
   q_spec = spec(("batch", "kv_heads", None, None), q_bkrd)
   c_spec = spec(("layers", "batch", "kv_heads", "cache_length", "head_dim"), k_cache)
   lse_spec = jax.sharding.PartitionSpec(*q_spec[:3])
-  fn = jax.shard_map(lambda q, k, v, ln, lay: kp.decode_attention(q, k, v, ln, lay), mesh=mesh,
+  fn = jax.shard_map(op, mesh=mesh,
                      in_specs=(q_spec, c_spec, c_spec, jax.sharding.PartitionSpec(q_spec[0]),
                                jax.sharding.PartitionSpec()),
                      out_specs=(q_spec, lse_spec), check_vma=False)
