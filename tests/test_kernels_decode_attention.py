@@ -71,6 +71,11 @@ def test_unstacked_cache_and_shape_errors():
   with pytest.raises(ValueError, match="does not match the cache"):
     kp.decode_attention(q[:, :1], k, v, lengths, layer)
   assert kp.decode_attention_backend(q.shape, k.shape, q.dtype) == "reference"   # CPU
+  with pytest.raises(ValueError, match="differ in dtype"):
+    kp.decode_attention(q, k, v.astype(jnp.bfloat16), lengths, layer)
+  from kernels_pallas.decode_attention import gpu
+  assert "differs" in gpu.why_not((1, 8, 4, 128), (1, 1, 8, 256, 128), jnp.bfloat16,
+                                  cache_dtype=jnp.float32)
   with pytest.raises(ValueError, match="unknown backend"):
     kp.decode_attention(q, k, v, lengths, layer, backend="triton")
 

@@ -116,17 +116,15 @@ def cache_read_in_place(cfg: ModelConfig, batch: int, max_len: int, cache_dtype=
     return False
   q = (batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
   c = (1, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  dt = jnp.dtype(cache_dtype or cfg.dtype)
-  return dt == compute_dtype(cfg) and kp.decode_attention_backend(q, c, dt) != "reference"
+  cache_dt = jnp.dtype(cache_dtype or cfg.dtype)
+  return kp.decode_attention_backend(q, c, compute_dtype(cfg), cache_dtype=cache_dt) != "reference"
 
 
 def _decode_attention(q_bkrd, k_cache, v_cache, lengths_b, layer):
   """`kp.decode_attention`, per shard under an active mesh (the kernel is a custom call with no
   sharding rule; the reference runs per shard too, so CPU tests cover the same specs)."""
   mesh = moe_parallel.active_mesh()
-  mixed = k_cache.dtype != q_bkrd.dtype or v_cache.dtype != q_bkrd.dtype
-  op = lambda q, k, v, ln, lay: kp.decode_attention(q, k, v, ln, lay,
-                                                    backend="reference" if mixed else None)
+  op = kp.decode_attention
   if mesh is None:
     return op(q_bkrd, k_cache, v_cache, lengths_b, layer)
   spec = lambda names, x: logical_to_mesh_spec(jax.sharding.PartitionSpec(*names), x.shape, mesh)
@@ -202,7 +200,7 @@ class Attention(nn.Module):
       keys = rms_norm(keys.astype(dt), k_norm, cfg.rms_norm_eps)
       if cache is not None:   # this layer's normed keys, as a one-layer stack
         normed = rms_norm(_layer(cache.k_bsnd, layer).astype(dt), k_norm, cfg.rms_norm_eps)
-        cache, layer = KV(normed[None], _layer(cache.v_bsnd, layer)[None]), 0
+        cache, layer = KV(normed.astype(cache.v_bsnd.dtype)[None], _layer(cache.v_bsnd, layer)[None]), 0
 
     mask = attention_mask(positions_bt, positions_bt, segment_ids_bt, segment_ids_bt)
     if cache is not None:   # cached rows strictly before this chunk's first position

@@ -17,12 +17,13 @@ from kernels_pallas.decode_attention.reference import NEG, decode_attention_refe
 BACKENDS = ("reference", "gpu")
 
 
-def backend_for(q_shape, cache_shape, dtype, backend=None) -> str:
+def backend_for(q_shape, cache_shape, dtype, backend=None, cache_dtype=None) -> str:
   """The backend `decode_attention` runs for these shapes (callers that slice the cache for the
   reference, e.g. to a length bucket, skip that when the kernel reads it in place)."""
   name = _dispatch.requested_backend("decode_attention", backend)
   if name == "auto":
-    ok = _dispatch.is_hopper() and not gpu.why_not(q_shape, cache_shape, dtype)
+    ok = _dispatch.is_hopper() and not gpu.why_not(q_shape, cache_shape, dtype,
+                                                   cache_dtype=cache_dtype)
     name = "gpu" if ok else "reference"
   _dispatch.check_known("decode_attention", name, BACKENDS)
   return name
@@ -36,12 +37,15 @@ def decode_attention(q_bkrd, k_cache, v_cache, lengths_b, layer=None, *, backend
                      f"and alike, got {k_cache.shape} and {v_cache.shape} (pass layer= for a "
                      "stacked cache).")
   b, kv, _, d = q_bkrd.shape
+  if v_cache.dtype != k_cache.dtype:
+    raise ValueError(f"kernels_pallas.decode_attention: K and V caches differ in dtype "
+                     f"({k_cache.dtype}, {v_cache.dtype}); store them alike.")
   if k_cache.shape[stacked:stacked + 2] != (b, kv) or k_cache.shape[-1] != d:
     raise ValueError(f"kernels_pallas.decode_attention: q {q_bkrd.shape} does not match the cache "
                      f"{k_cache.shape} in batch, kv heads or head_dim.")
-  name = backend_for(q_bkrd.shape, k_cache.shape, q_bkrd.dtype, backend)
+  name = backend_for(q_bkrd.shape, k_cache.shape, q_bkrd.dtype, backend, k_cache.dtype)
   if name == "gpu":
-    why = gpu.why_not(q_bkrd.shape, k_cache.shape, q_bkrd.dtype)
+    why = gpu.why_not(q_bkrd.shape, k_cache.shape, q_bkrd.dtype, cache_dtype=k_cache.dtype)
     if why:
       raise ValueError(f"kernels_pallas.decode_attention backend='gpu': {why}; use backend='reference'.")
     return gpu.decode_attention(q_bkrd, k_cache, v_cache, lengths_b, layer)

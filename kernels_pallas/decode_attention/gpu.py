@@ -38,12 +38,14 @@ class Tiling:
 DEFAULT = Tiling()
 
 
-def why_not(q_shape, cache_shape, dtype, tiling=DEFAULT) -> str:
-  """Why the kernel cannot run these shapes ('' when it can)."""
+def why_not(q_shape, cache_shape, dtype, tiling=DEFAULT, cache_dtype=None) -> str:
+  """Why the kernel cannot run these shapes and dtypes ('' when it can)."""
   rows, d = q_shape[-2], q_shape[-1]
   s = cache_shape[-2]
   if jnp.dtype(dtype) not in _FP16:
     return f"dtype {dtype}: the kernel takes bf16 or f16"
+  if cache_dtype is not None and jnp.dtype(cache_dtype) != jnp.dtype(dtype):
+    return f"cache dtype {cache_dtype} differs from the queries' {dtype}"
   if rows > Q_ROWS:
     return f"{rows} query rows per kv head exceed {Q_ROWS}"
   if d % 64 or d > 256:
@@ -71,7 +73,7 @@ def decode_attention_partials(q_bkrd, k_cache, v_cache, lengths_b, layer, tiling
   if k_cache.ndim == 4:
     k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
   s_max = k_cache.shape[3]
-  why = why_not(q_bkrd.shape, k_cache.shape, q_bkrd.dtype, tiling)
+  why = why_not(q_bkrd.shape, k_cache.shape, q_bkrd.dtype, tiling, k_cache.dtype)
   if why:
     raise ValueError(f"kernels_pallas.decode_attention backend='gpu': {why}; use backend='reference'.")
   dtype = q_bkrd.dtype
