@@ -56,6 +56,7 @@ flags.DEFINE_integer("full_output_len", 14336, "Tencent's output length: sizes t
 flags.DEFINE_integer("kv_block", 256, "engine kv_block")
 flags.DEFINE_integer("timing_steps", 10, "timed repetitions of the decode step")
 flags.DEFINE_string("json_out", "", "write results here")
+flags.DEFINE_float("top_p", 1.0, "top-p of every request (< 1 adds the vocabulary sort to each step)")
 flags.DEFINE_bool("profile", False, "print the top device kernels of the decode step at full context")
 flags.DEFINE_integer("profile_top", 15, "kernels listed by --profile")
 flags.DEFINE_integer("tensor", 1, "tensor-parallel devices (heads, FFN width and KV heads split)")
@@ -132,7 +133,12 @@ def sampled(b: int) -> SamplingArrays:
   """Temperature-1 sampling, one seed per slot. Random weights decoded greedily make every slot emit
   the same few tokens, so a batch routes to far fewer experts than distinct requests do (24.6 of
   64 at batch 16 on 2 x H200, uniform: 56.4); sampled tokens differ per slot, as requests do."""
-  return SamplingArrays.from_params([SamplingParams(temperature=1.0)] * b, [0] * b, list(range(b)))
+  return SamplingArrays.from_params([sampling_params()] * b, [0] * b, list(range(b)))
+
+
+def sampling_params(**kw) -> SamplingParams:
+  """Temperature 1, and top-p where --top_p < 1 (the vocabulary sort then runs every step)."""
+  return SamplingParams(temperature=1.0, top_p=FLAGS.top_p, **kw)
 
 
 def time_fn(fn, args_fn, steps):
@@ -156,7 +162,8 @@ def head_time(params, cfg, b, steps) -> float:
     h = model.apply({"params": p}, t, method=Transformer.embed_tokens)
     h = model.apply({"params": p}, h, method=lambda m, x: m.final_norm(x))
     logits = model.apply({"params": p}, h, method=Transformer.logits)[:, 0]
-    return sample(logits, sp, jnp.zeros(logits.shape, jnp.int32), jnp.zeros(logits.shape, bool))
+    return sample(logits, sp, jnp.zeros(logits.shape, jnp.int32), jnp.zeros(logits.shape, bool),
+                  FLAGS.top_p < 1.0)
   f = jax.jit(head)
   toks = jnp.zeros((b, 1), jnp.int32)
   return time_fn(f, lambda: (params, toks), steps)
@@ -180,7 +187,8 @@ def decode_step_time(eng: Engine, context: int, steps: int, profile: str = "") -
   eng.state = eng._set_rows(eng.state, active, pos, sp)._replace(tokens_b=jnp.asarray(tokens, jnp.int32))
 
   def run():
-    _, eng.cache, eng.state = eng._decode(eng.params, eng.cache, eng.state, kv_len=kv_len)
+    _, eng.cache, eng.state = eng._decode(eng.params, eng.cache, eng.state, kv_len=kv_len,
+                                          top_k_top_p=FLAGS.top_p < 1.0)
     return eng.state.tokens_b
   run()
   jax.block_until_ready(eng.state)
@@ -203,7 +211,7 @@ def engine_run(eng: Engine, b: int, input_len: int, output_len: int, vocab: int)
   """TTFT of one prompt (after a warm-up request), then b prompts x output_len tokens through the loop."""
   rng = np.random.default_rng(0)
   prompt = lambda: [int(t) for t in rng.integers(0, min(vocab, 30000), input_len)]
-  params = SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True)
+  params = sampling_params(max_tokens=output_len, ignore_eos=True)
   eng.generate([prompt()], dataclasses.replace(params, max_tokens=2))          # compile prefill + decode
   r = eng.submit(prompt(), dataclasses.replace(params, max_tokens=2))
   t = time.perf_counter()

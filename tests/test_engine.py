@@ -210,8 +210,9 @@ def test_xla_flags_keep_the_users_values(monkeypatch):
   use_decode_xla_flags()
   flags = os.environ["XLA_FLAGS"].split()
   assert "--xla_gpu_enable_triton_gemm=true" in flags and "--xla_dump_to=/tmp/x" in flags
-  assert DECODE_GPU_FLAGS[0] in flags and len(flags) == 3
+  n = 2 + len(DECODE_GPU_FLAGS) - 1           # the user's triton flag replaces ours
+  assert {f for f in DECODE_GPU_FLAGS if "triton" not in f} <= set(flags) and len(flags) == n
   use_decode_xla_flags()
-  assert len(os.environ["XLA_FLAGS"].split()) == 3
+  assert len(os.environ["XLA_FLAGS"].split()) == n
   use_train_xla_flags()
-  assert os.environ["XLA_FLAGS"].split()[3:] == list(TRAIN_GPU_FLAGS)
+  assert os.environ["XLA_FLAGS"].split()[n:] == list(TRAIN_GPU_FLAGS)

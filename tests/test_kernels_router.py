@@ -93,6 +93,29 @@ def test_split_grads_match_reference(spec_i):
     assert np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_split_one_token_path(dtype):
+  """T = 1 takes the chunked-reduction logits (batch-1 decode): fp32-accurate, same gradients."""
+  spec = SPECS[0]
+  x, w, _ = inputs(41, 1, 256, 16, dtype, False)
+  r = jax.jit(lambda x, w: kp.route(x, w, None, spec, backend="split"))(x, w)
+  o = oracle(x, w, None, spec)
+  np.testing.assert_array_equal(np.asarray(r.experts_tk), o["experts"])
+  np.testing.assert_allclose(r.weights_tk, o["weights"], rtol=2e-6, atol=1e-7)
+  np.testing.assert_allclose(r.z_loss, o["z"], rtol=2e-6)
+  fwd = str(jax.make_jaxpr(lambda x, w: kp.route(x, w, None, spec, backend="split"))(x, w))
+  assert "optimization_barrier" in fwd and "dot_general" not in fwd
+  c = jnp.arange(1.0, 1.0 + spec.top_k)
+
+  def loss(x, w, backend):
+    return jnp.sum(kp.route(x, w, None, spec, backend=backend).weights_tk * c)
+  grad = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)
+  for a, b in zip(grad(x, w, "split"), grad(x, w, "reference")):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    # bf16 x: dx is rounded to bf16 (2^-8) in both backends' casts, in different orders
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < (1e-4 if dtype == jnp.float32 else 1e-2)
+
+
 def test_bad_top_k_names_the_fix():
   x, w, _ = inputs(0, 4, 8, 4, jnp.float32, False)
   with pytest.raises(ValueError, match="top_k"):

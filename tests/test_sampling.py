@@ -3,7 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, apply_penalties, sample
+from hunyuan_jax.serve.sampling import (SamplingArrays, SamplingParams, apply_penalties, needs_top_k_top_p,
+                                       sample)
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -1.0], np.float32)
 N = 4000
@@ -100,6 +101,32 @@ def test_greedy_and_sampled_rows_mix_and_seeds_repeat():
   solo = [int(_sample(logits[:1], SamplingArrays.from_params(rows[2:], [s], [11]), z[0][:1], z[1][:1])[0])
           for s in range(40)]
   assert solo == draws[:, 2].tolist()
+
+
+def test_sort_is_a_static_choice_and_rows_without_filters_draw_the_same():
+  """No run-time branch (a GPU conditional waits on the host every step); skipping the sort
+  where no row asks for top-k/top-p changes no token, and a row that does not ask is not
+  filtered when another row makes the sort run."""
+  plain = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, min_p=0.05),
+           SamplingParams(temperature=1.3)]
+  nucleus = plain + [SamplingParams(temperature=1.0, top_p=0.5)]
+  assert not needs_top_k_top_p(plain + [None]) and needs_top_k_top_p(nucleus)
+  assert needs_top_k_top_p([SamplingParams(top_k=3)])
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 50)).astype(np.float32) * 3
+  z = np.zeros((4, 50), np.int32), np.zeros((4, 50), bool)
+  sort = jax.jit(sample, static_argnums=4)
+  for fn_args in ((True,), (False,)):
+    sp = SamplingArrays.from_params(plain, [0] * 3, [1, 2, 3])
+    jaxpr = str(jax.make_jaxpr(sample, static_argnums=4)(logits[:3], sp, z[0][:3], z[1][:3], *fn_args))
+    assert " cond[" not in jaxpr and " while[" not in jaxpr
+  for step in range(30):
+    sp3 = SamplingArrays.from_params(plain, [step] * 3, [1, 2, 3])
+    sp4 = SamplingArrays.from_params(nucleus, [step] * 4, [1, 2, 3, 4])
+    without = np.asarray(sort(logits[:3], sp3, z[0][:3], z[1][:3], False))
+    with_sort = np.asarray(sort(logits[:3], sp3, z[0][:3], z[1][:3], True))
+    mixed = np.asarray(sort(logits, sp4, *z, True))
+    assert without.tolist() == with_sort.tolist() == mixed[:3].tolist()
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),

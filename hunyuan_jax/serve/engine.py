@@ -35,7 +35,7 @@ from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.model import cache_logical_axes, forward, init_cache, moe_parallel, write_kv_rows
 from hunyuan_jax.model.attention import cache_read_in_place
 from hunyuan_jax.model.transformer import Transformer
-from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, sample
+from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, needs_top_k_top_p, sample
 
 DROP = 2**30  # a cache position past any buffer: the model's scatter drops the write
 
@@ -138,8 +138,11 @@ class Engine:
     self._ids = itertools.count()
     self._lock = threading.Lock()
     self._wake = threading.Event()
-    self._decode = jax.jit(self._on_mesh(self._decode_fn), static_argnames=("kv_len",), donate_argnums=(1, 2))
-    self._prefill = jax.jit(self._on_mesh(self._prefill_fn), static_argnames=("kv_len",), donate_argnums=(1, 2))
+    # top_k_top_p: whether the vocabulary sort runs (static, see sampling.needs_top_k_top_p): at
+    # most two programs per kv_len.
+    static = ("kv_len", "top_k_top_p")
+    self._decode = jax.jit(self._on_mesh(self._decode_fn), static_argnames=static, donate_argnums=(1, 2))
+    self._prefill = jax.jit(self._on_mesh(self._prefill_fn), static_argnames=static, donate_argnums=(1, 2))
     self._set_rows = jax.jit(self._set_rows_fn, donate_argnums=(0,))
 
   # ---------------------------------------------------------------- public API (thread-safe)
@@ -291,7 +294,8 @@ class Engine:
       last = start + n == len(r.prompt_ids)
       first_tok, self.cache, self.state = self._prefill(
           self.params, self.cache, self.state, np.int32(i), toks, pos, np.int32(n - 1),
-          np.bool_(start == 0), np.bool_(last), kv_len=self._kv_len(start + n))
+          np.bool_(start == 0), np.bool_(last), kv_len=self._kv_len(start + n),
+          top_k_top_p=needs_top_k_top_p([r.params]))
       r.prefilled = start + n
       if last:
         r.scheduled = 1
@@ -300,7 +304,7 @@ class Engine:
         self._pending.append((first_tok[None], [(0, i, r)]))
 
   def _prefill_fn(self, params, cache, state: SlotState, slot, toks_c, pos_c, last_idx, is_first, is_last,
-                  *, kv_len):
+                  *, kv_len, top_k_top_p):
     row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)[:, :, :, :kv_len], cache)
     model = Transformer(self.cfg)
     h = model.apply({"params": params}, toks_c[None], pos_c[None], row, None, True)
@@ -313,7 +317,7 @@ class Engine:
     prompt_v = prompt_v | (seen_v > 0)
     counts_v = jnp.where(is_first, 0, state.counts_bv[slot])
     sp_row = jax.tree.map(lambda a: a[slot][None], state.sp)
-    tok = sample(logits_1v, sp_row, counts_v[None], prompt_v[None])[0]
+    tok = sample(logits_1v, sp_row, counts_v[None], prompt_v[None], top_k_top_p)[0]
     counts_v = counts_v + (jax.nn.one_hot(tok, v, dtype=jnp.int32) * is_last)
     tokens_b = state.tokens_b.at[slot].set(jnp.where(is_last, tok, state.tokens_b[slot]))
     state = state._replace(tokens_b=tokens_b, counts_bv=state.counts_bv.at[slot].set(counts_v),
@@ -323,7 +327,8 @@ class Engine:
   # ---------------------------------------------------------------- decode
   def _dispatch_decode(self, decoding):
     kv_len = self._decode_kv_len(int(max(self._pos_host[i] for i, _ in decoding)) + 1)
-    toks, self.cache, self.state = self._decode(self.params, self.cache, self.state, kv_len=kv_len)
+    toks, self.cache, self.state = self._decode(self.params, self.cache, self.state, kv_len=kv_len,
+                                                top_k_top_p=needs_top_k_top_p(self._sp_host))
     for i, r in decoding:
       self._pos_host[i] += 1
       r.scheduled += 1
@@ -332,7 +337,7 @@ class Engine:
       self._upload_rows()
     self._pending.append((toks, [(i, i, r) for i, r in decoding]))
 
-  def _decode_fn(self, params, cache, state: SlotState, *, kv_len):
+  def _decode_fn(self, params, cache, state: SlotState, *, kv_len, top_k_top_p):
     b = self.max_slots
     pos_b = jnp.where(state.active_b, state.positions_b, DROP)
     # Attend over the used prefix only (kv_len bucket) unless the kernel reads the cache in place;
@@ -341,7 +346,7 @@ class Engine:
     out = forward(params, state.tokens_b[:, None], pos_b[:, None], small, cfg=self.cfg)
     cache = _rows_to_cache(cache, out.kv_rows, pos_b[:, None])
     cache = self._constrain(cache)
-    tok_b = sample(out.logits[:, 0], state.sp, state.counts_bv, state.prompt_bv)
+    tok_b = sample(out.logits[:, 0], state.sp, state.counts_bv, state.prompt_bv, top_k_top_p)
     act = state.active_b
     counts = state.counts_bv.at[jnp.arange(b), tok_b].add(act.astype(jnp.int32))
     sp = state.sp._replace(step=state.sp.step + act.astype(jnp.uint32))

@@ -2,8 +2,10 @@
 
 Order (as vLLM and HF): penalties on the raw logits -> greedy rows take the argmax -> temperature
 -> top-k -> top-p (on the top-k-renormalised distribution) -> min-p -> categorical draw.
-A row with temperature 0 is greedy. top_k <= 0, top_p >= 1 and min_p <= 0 switch a filter off;
-when no row needs top-k/top-p the vocabulary sort is skipped at run time (`lax.cond`).
+A row with temperature 0 is greedy. top_k <= 0, top_p >= 1 and min_p <= 0 switch a filter off.
+The vocabulary sort for top-k/top-p is a static choice (`top_k_top_p`, see `needs_top_k_top_p`),
+not a `lax.cond`: on GPU a conditional copies its predicate to the host and waits for it, which
+stalled every batch-1 decode step (WORKSPACE_NOTES.md, Inference, ninth session).
 Randomness is per row: key = fold_in(fold_in(key(0), seed), step), so a seeded request gives
 the same tokens whatever else is in the batch.
 """
@@ -106,14 +108,22 @@ def _top_k_top_p_mask(logits_bv, top_k_b, top_p_b):
   return jnp.zeros_like(keep_sorted).at[jnp.arange(logits_bv.shape[0])[:, None], order].set(keep_sorted)
 
 
-def filter_logits(logits_bv, sp: SamplingArrays):
-  """Temperature-scaled logits with top-k / top-p / min-p exclusions set to NEG."""
+def needs_top_k_top_p(rows: Sequence[Optional[SamplingParams]]) -> bool:
+  """Whether any row asks for top-k or top-p: the static `top_k_top_p` argument of `sample`."""
+  return any(r is not None and (r.top_k > 0 or r.top_p < 1.0) for r in rows)
+
+
+def filter_logits(logits_bv, sp: SamplingArrays, top_k_top_p: bool = True):
+  """Temperature-scaled logits with top-k / top-p / min-p exclusions set to NEG.
+
+  top_k_top_p=False skips the vocabulary sort: only valid when no row asks for either.
+  """
   t = jnp.maximum(sp.temperature, 1e-6)[:, None]
   logits_bv = logits_bv / t
-  needs_sort = jnp.any((sp.top_k > 0) | (sp.top_p < 1.0))
-  keep = jax.lax.cond(needs_sort, lambda x: _top_k_top_p_mask(x, sp.top_k, sp.top_p),
-                      lambda x: jnp.ones(x.shape, bool), logits_bv)
-  logits_bv = jnp.where(keep, logits_bv, NEG)
+  if top_k_top_p:
+    asks = ((sp.top_k > 0) | (sp.top_p < 1.0))[:, None]
+    keep = _top_k_top_p_mask(logits_bv, sp.top_k, sp.top_p)
+    logits_bv = jnp.where(asks & ~keep, NEG, logits_bv)
   # min-p: drop tokens below min_p * p_max, i.e. logit < max + log(min_p).
   thresh = jnp.max(logits_bv, axis=-1, keepdims=True) + jnp.log(jnp.maximum(sp.min_p, 1e-30))[:, None]
   return jnp.where((sp.min_p[:, None] > 0) & (logits_bv < thresh), NEG, logits_bv)
@@ -124,15 +134,15 @@ def row_keys(sp: SamplingArrays):
   return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.fold_in(base, s), n))(sp.seed, sp.step)
 
 
-def sample(logits_bv, sp: SamplingArrays, counts_bv, prompt_mask_bv):
-  """-> next tokens [B] int32."""
+def sample(logits_bv, sp: SamplingArrays, counts_bv, prompt_mask_bv, top_k_top_p: bool = True):
+  """-> next tokens [B] int32. top_k_top_p (static): False when no row asks for top-k or top-p
+  (`needs_top_k_top_p`), which skips the vocabulary sort; the tokens are the same either way.
+
+  No run-time branches: every row is drawn and greedy rows then take the argmax (the draw is a
+  few elementwise passes over the logits; a branch would cost a host round trip on GPU).
+  """
   logits_bv = apply_penalties(logits_bv.astype(jnp.float32), sp, counts_bv, prompt_mask_bv)
   greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-
-  def draw(x):
-    filtered = filter_logits(x, sp)
-    return jax.vmap(jax.random.categorical)(row_keys(sp), filtered).astype(jnp.int32)
-
-  # An all-greedy batch (benchmarks, temperature 0) skips the filters and the draw.
-  drawn_b = jax.lax.cond(jnp.any(sp.temperature > 0.0), draw, lambda x: greedy_b, logits_bv)
+  filtered = filter_logits(logits_bv, sp, top_k_top_p)
+  drawn_b = jax.vmap(jax.random.categorical)(row_keys(sp), filtered).astype(jnp.int32)
   return jnp.where(sp.temperature <= 0.0, greedy_b, drawn_b)
