@@ -103,6 +103,17 @@ def test_greedy_and_sampled_rows_mix_and_seeds_repeat():
   assert solo == draws[:, 2].tolist()
 
 
+def test_top_k_cut_keeps_ties_like_hf():
+  """The cut is on the value: a token tied with the k-th is kept (HF's TopKLogitsWarper)."""
+  from hunyuan_jax.serve.sampling import filter_logits
+  logits = np.array([[3.0, 1.0, 1.0, 0.0, -2.0]], np.float32)
+  for top_k, top_p, kept in ((2, 1.0, [1, 1, 1, 0, 0]), (1, 1.0, [1, 0, 0, 0, 0]),
+                             (0, 0.5, [1, 0, 0, 0, 0]), (4, 0.99, [1, 1, 1, 1, 0])):
+    sp = SamplingArrays.from_params([SamplingParams(top_k=top_k, top_p=top_p)], [0], [0])
+    out = np.asarray(filter_logits(logits, sp)) > -1e29
+    assert out[0].astype(int).tolist() == kept, (top_k, top_p)
+
+
 def test_sort_is_a_static_choice_and_rows_without_filters_draw_the_same():
   """No run-time branch (a GPU conditional waits on the host every step); skipping the sort
   where no row asks for top-k/top-p changes no token, and a row that does not ask is not
