@@ -253,3 +253,14 @@ def test_gpu_moe_gradients_match_reference_ops(num_experts, monkeypatch):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
     assert err < 2e-2, (jax.tree_util.keystr(path), err)
+
+
+def test_one_token_kv_projection_matches_einsum():
+  """The batch-1 decode form of the K/V projection (two rows, four D-chunks summed in fp32)."""
+  from hunyuan_jax.model.attention import _kv_projection
+  x = jax.random.normal(jax.random.key(0), (1, 1, 512))
+  w = jax.random.normal(jax.random.key(1), (512, 4, 32))
+  want = jnp.einsum("btd,dnh->btnh", x, w, precision="highest")
+  for xs in (x, jnp.concatenate([x, -x], axis=1)):   # one token (chunked) and two (plain einsum)
+    got = _kv_projection(xs, w)
+    np.testing.assert_allclose(got[:, :1], want, rtol=2e-5, atol=2e-5)
