@@ -11,6 +11,7 @@ one read of x. Ceilings (copy bandwidth, dense matmul) are measured in the same 
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -50,6 +51,25 @@ def timeit(fn, *args, iters=10, batch=5):
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / batch * 1e3)
   return statistics.median(times)
+
+
+def timeit_rounds(fns, rounds=3):
+  """{label: (fn, args)} -> {label: best ms}: every round times all, in a rotated (and every
+  other round reversed) order. The H100's clock under sustained matmuls moves a single timing
+  by 5-8%, and the kernel timed second used to look 1-4% faster (fourth session)."""
+  labels, best = list(fns), {}
+  for r in range(rounds):
+    order = labels[r % len(labels):] + labels[:r % len(labels)]
+    for label in (order[::-1] if r % 2 else order):
+      if isinstance(best.get(label), str):   # failed in an earlier round
+        continue
+      fn, args = fns[label]
+      try:
+        best[label] = min(best.get(label, 1e30), timeit(fn, *args, iters=5))
+      except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        best[label] = f"FAIL {err}"[:300]
+  return {label: best[label] for label in labels}
 
 
 def row(section, name, ms, flops=None, nbytes=None, note=""):
@@ -161,13 +181,14 @@ def stage_gmm(names, variants):
     sec = f"{name}"
     print(f"{name}: M={m} K={k} N={n} E={e} sizes min/max {sizes.min()}/{sizes.max()}", flush=True)
     fwd, dx, dw = ours(x, w, dy, gs)
-    for label, f, args in [("ours fwd", fwd, (x, w)), ("ours dx", dx, (dy, w)),
-                           ("ours dw", dw, (x, dy))]:
-      try:
-        row(sec, label, timeit(f, *args), flops=flops)
-      except Exception as err:  # noqa: BLE001
-        traceback.print_exc()
-        RESULTS.setdefault(sec, {})[label] = f"FAIL {err}"[:300]
+    dense = jax.jit(lambda a, b: a @ b)
+    timed = timeit_rounds({"ours fwd": (fwd, (x, w)), "ours dx": (dx, (dy, w)),
+                           "ours dw": (dw, (x, dy)), "dense same FLOPs": (dense, (x, w[0]))})
+    for label, ms in timed.items():
+      if isinstance(ms, str):
+        RESULTS.setdefault(sec, {})[label] = ms
+      else:
+        row(sec, label, ms, flops=flops, note="best of 3 alternating rounds")
     if variants:
       T = gmm_gpu.Tiling
       for t in [T(stages=3, grid_minor=0, grid_width=16), T(stages=3, grid_minor=0, grid_width=4),
@@ -178,8 +199,9 @@ def stage_gmm(names, variants):
           row(sec, f"ours fwd {_short(t)}", timeit(f, x, w, iters=5), flops=flops)
         except Exception as err:  # noqa: BLE001
           print(f"  variant {t} failed: {str(err)[:300]}", flush=True)
-      for t in [dataclasses.replace(gmm_gpu.TGMM_DEFAULT, delay_release=1),
-                dataclasses.replace(gmm_gpu.TGMM_DEFAULT, delay_release=1, stages=3)]:
+      tg = functools.partial(dataclasses.replace, gmm_gpu.TGMM_DEFAULT)
+      for t in [tg(grid_minor=0, grid_width=8), tg(grid_minor=1, grid_width=8),
+                tg(grid_minor=0, grid_width=4), tg(delay_release=1)]:
         try:
           f = jax.jit(lambda x, dy, t=t: gmm_gpu.tgmm(x, dy, gs, tiling=t))
           row(sec, f"ours dw {_short(t)}", timeit(f, x, dy, iters=5), flops=flops)
@@ -187,7 +209,6 @@ def stage_gmm(names, variants):
           print(f"  dw variant {_short(t)}: rel err vs default {err:.2e}", flush=True)
         except Exception as err:  # noqa: BLE001
           print(f"  variant {t} failed: {str(err)[:300]}", flush=True)
-    row(sec, "dense same FLOPs", timeit(jax.jit(lambda a, b: a @ b), x, w[0]), flops=flops)
     _anchor_mgpu(sec, x, w, gs, flops)
     _anchor_torch(sec, m, k, n, e, sizes, flops)
     if name.startswith("a13b"):

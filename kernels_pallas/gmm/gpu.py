@@ -366,7 +366,8 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=F
       def _items(info):
         lin = info.index[0]
         g = lin // (grid_k * grid_n)
-        ki, ni = plgpu.planar_snake(lin % (grid_k * grid_n), (grid_k, grid_n), 1, 1)
+        ki, ni = plgpu.planar_snake(lin % (grid_k * grid_n), (grid_k, grid_n), t.grid_minor,
+                                    t.grid_width)
         row0 = pl.multiple_of(start_gmem[g], ALIGN)
         lead, size, nsteps = lead_gmem[g], size_gmem[g], steps_gmem[g]
         dst = o_gmem.at[g, pl.ds(pl.multiple_of(ki * tko, tko), tko),
