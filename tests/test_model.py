@@ -261,6 +261,7 @@ def test_one_token_kv_projection_matches_einsum():
   x = jax.random.normal(jax.random.key(0), (1, 1, 512))
   w = jax.random.normal(jax.random.key(1), (512, 4, 32))
   want = jnp.einsum("btd,dnh->btnh", x, w, precision="highest")
-  for xs in (x, jnp.concatenate([x, -x], axis=1)):   # one token (chunked) and two (plain einsum)
-    got = _kv_projection(xs, w)
-    np.testing.assert_allclose(got[:, :1], want, rtol=2e-5, atol=2e-5)
+  with jax.default_matmul_precision("highest"):   # GPUs default to TF32 for f32 dots
+    for xs in (x, jnp.concatenate([x, -x], axis=1)):   # one token (chunked) and two (plain einsum)
+      got = _kv_projection(xs, w)
+      np.testing.assert_allclose(got[:, :1], want, rtol=2e-5, atol=2e-5)
