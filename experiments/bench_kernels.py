@@ -193,7 +193,7 @@ def stage_gmm(names, variants):
       T = gmm_gpu.Tiling
       for t in [T(stages=3, grid_minor=0, grid_width=16), T(stages=3, grid_minor=0, grid_width=4),
                 T(stages=3, grid_minor=0, grid_width=8, wg_m=True),
-                T(stages=3, grid_minor=0, grid_width=8, static_items=True)]:
+                T(stages=3, grid_minor=0, grid_width=8, steady=True)]:
         try:
           f = ours(x, w, dy, gs, tiling=t)[0]
           row(sec, f"ours fwd {_short(t)}", timeit(f, x, w, iters=5), flops=flops)

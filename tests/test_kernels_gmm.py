@@ -4,6 +4,8 @@ CPU by default (reference, and the TPU kernel in interpret mode); the Mosaic GPU
 runs under @pytest.mark.gpu and is skipped without a Hopper GPU.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -318,17 +320,50 @@ def test_gpu_kernels_lower_for_cuda_on_cpu(monkeypatch):
            (lambda x, w, ex: kp.gmv(x, w, ex, backend="gpu"), spec(8, 256), spec(64, 256, 512),
             spec(8, dt=jnp.int32)),
            (lambda x, dy, g: gpu.tgmm(x, dy, g), spec(512, 256), spec(512, 256), spec(4, dt=jnp.int32))]
+  for t in VARIANT_TILINGS[1:]:
+    cases.append((lambda x, w, g, t=t: gpu.gmm(x, w, g, tiling=t), spec(512, 768),
+                  spec(4, 768, 512), spec(4, dt=jnp.int32)))
   for fn, *args in cases:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def _variant_tilings():
+  from kernels_pallas.gmm import gpu
+  d = gpu.DEFAULT
+  return [d, dataclasses.replace(d, steady=True), dataclasses.replace(d, swizzled_full=False)]
+
+
+VARIANT_TILINGS = _variant_tilings()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
+@pytest.mark.parametrize("tiling", VARIANT_TILINGS, ids=["default", "steady", "plain_epilogue"])
+def test_gpu_tiling_variants(tiling):
+  """128-row tiles: partial last tiles, groups starting off the 8-row grid, empty groups, padded
+  rows; K = 768 (12 steps: a steady pipeline at 3 stages)."""
+  from kernels_pallas.gmm import gpu
+  m, k, n = 2048, 768, 512
+  gs = [0, 70, 129, 1, 300, 64, 65, 500, 0, 37]   # 882 padded rows
+  x, w, dy = inputs(71, m, k, n, len(gs), jnp.bfloat16)
+  gs_a = jnp.asarray(gs, jnp.int32)
+  y = jax.jit(lambda x, w: gpu.gmm(x, w, gs_a, tiling=tiling))(x, w)
+  assert_close(y, oracle(x, w, gs), 1e-2, "gmm")
+  dx = jax.jit(lambda dy, w: gpu.gmm(dy, w, gs_a, transpose_rhs=True, tiling=tiling))(dy, w)
+  assert_close(dx, oracle(dy, w, gs, transpose_rhs=True), 1e-2, "dx")
+  for out in (y, dx):
+    assert not np.any(np.asarray(out, np.float32)[sum(gs):]), "padded rows must be 0"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("m,transpose_rhs", [(8, False), (1, False), (8, True)])
 def test_gpu_gmv(m, transpose_rhs):
-  """Batch-1 decode: one token's top-k rows, each against its own expert, on the kernel."""
-  k, n, e = 256, 512, 64
+  """Batch-1 decode: one token's top-k rows, each against its own expert, on the kernel.
+
+  K = 512: 8 steps, so NARROW_DEEP's 8-stage pipeline runs steady (across items)."""
+  k, n, e = 512, 512, 64
   experts = np.random.default_rng(m).choice(e, m, replace=False)
   x, w, _ = inputs(61 + m, m, k, n, e, jnp.bfloat16)
   if transpose_rhs:

@@ -12,7 +12,9 @@ gmv: the same kernel over `schedule.row_schedule`: one visit per row, each row i
 expert (one token's top-k at decode), no sort.
 
 The persistent loop stops at the visits that hold rows (a traced count): walking the empty
-static visits cost ~0.05 ms per batch-1 call.
+static visits cost ~0.05 ms per batch-1 call. The zero pseudo-group's tiles get a loop of
+their own, so every item of the main loop runs the pipeline: with `Tiling.steady` the TMA
+warpgroup then runs on into the next item's loads (a pipeline of pipelines).
 
 tgmm: a work item is (group, K tile, N tile); the pipeline runs over the group's rows in
 chunks starting at the group's first row; the last chunk's rows past the group are zeroed
@@ -42,13 +44,15 @@ class Tiling:
   delay_release: int = 0   # keep this many wgmma groups in flight before releasing a stage
   skip_epilogue: bool = False  # DEBUG ONLY (wrong output): times the main loop alone
   wg_m: bool = False       # split the CTA tile between the warpgroups along M (m64n256 wgmma)
-  static_items: bool = False   # A/B ONLY: loop over all V static visits, not just those with rows
+  steady: bool = False     # the TMA warpgroup runs on into the next item (when K steps % stages == 0)
 
 
 # Measured on H100 (a13b_up): N-minor order 492 TFLOP/s, M-minor snake of width 8: 688.
 # Consecutive CTAs then share one weight slice across 8 N tiles, which stays in L2.
 DEFAULT = Tiling(stages=3, grid_minor=0, grid_width=8)
-DECODE = Tiling(tile_m=64, stages=4)
+# Decode items are few per SM: letting the TMA warpgroup run on into the next item measured
+# 0.5-2.5% less device time at batch 1 (0 at batch 32), H100, bench_decode_gmm.py.
+DECODE = Tiling(tile_m=64, stages=4, steady=True)
 ALIGN = 8   # TMA into 8-row tiled shared memory needs row offsets divisible by 8
 # delay_release=1 (the next chunk's wgmma issues before the last one retires) measured within
 # the order-of-timing noise (+-3%) of 0 on the H100 at the A13B and Hy3 shapes: not the default.
@@ -61,7 +65,7 @@ NARROW = Tiling(tile_m=64, tile_n=64, stages=4)
 # Batch-1 decode streams weights with little compute per stage: 8 stages in flight instead of 4
 # took the A13B up / down kernels 0.203 / 0.138 -> 0.198 / 0.129 ms of device time (H100 profile,
 # 8 one-row groups; 6 stages or 128-wide K steps: within 2% of 8).
-NARROW_DEEP = Tiling(tile_m=64, tile_n=64, stages=8)
+NARROW_DEEP = Tiling(tile_m=64, tile_n=64, stages=8, steady=True)
 MIN_ROWS = DECODE.tile_m  # the public op pads fewer rows up to one tile
 NARROW_VERIFIED = True
 _FP16 = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -131,16 +135,21 @@ def supports(x, w, *, transpose_rhs=False, tiling=None):
 
 
 def _ladder_store(plgpu, pl, src_smem, dst_gmem, lead, rows, max_rows):
-  """Store rows [lead, rows) of src to dst with power-of-two TMA copies (static shapes)."""
+  """Store rows [lead, rows) of src to dst with power-of-two TMA copies (static shapes).
+
+  The copies form one bulk group, so a wait on store groups counts the ladder once.
+  """
   count = rows - lead
   off = lead
   size = 1 << (max_rows.bit_length() - 1)
   while size >= 1:
     @pl.when((count & size) != 0)
     def _store(off=off, size=size):
-      plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(off, size)], dst_gmem.at[pl.ds(off, size)])
+      plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(off, size)], dst_gmem.at[pl.ds(off, size)],
+                              commit_group=False)
     off = off + (count & size)
     size //= 2
+  plgpu.commit_smem_to_gmem_group()
 
 
 def _tiling_or_raise(op, x_mk, w_ekn, transpose_rhs, tiling):
@@ -156,10 +165,13 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
   del interpret
   t = _tiling_or_raise("gmm", x_mk, w_ekn, transpose_rhs, tiling)
   sched = group_start_schedule(group_sizes_e, x_mk.shape[0], t.tile_m, zero_tail=True, align=ALIGN)
-  # The visits that hold rows come first; the persistent loop stops there. Skipping the
-  # rest one by one costs a few scalar loads each: ~2k empty items at batch-1 decode.
-  used = jnp.sum(sched.rows_v > 0, dtype=jnp.int32).reshape(1)
-  return _visit_matmul(x_mk, w_ekn, sched, used, t, out_dtype, transpose_rhs)
+  # The visits that hold rows come first (the real groups', then the zero pseudo-group's);
+  # the persistent loops stop there. Skipping the rest one by one costs a few scalar loads
+  # each: ~2k empty items at batch-1 decode.
+  held = sched.rows_v > 0
+  counts = jnp.stack([jnp.sum(held & (sched.group_v < w_ekn.shape[0]), dtype=jnp.int32),
+                      jnp.sum(held, dtype=jnp.int32)])
+  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs)
 
 
 def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=None,
@@ -171,12 +183,15 @@ def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=N
   del interpret
   t = _tiling_or_raise("gmv", x_mk, w_ekn, transpose_rhs, tiling)
   sched = row_schedule(experts_m, align=ALIGN)
-  used = jnp.full((1,), sched.group_v.shape[0], jnp.int32)
-  return _visit_matmul(x_mk, w_ekn, sched, used, t, out_dtype, transpose_rhs)
+  counts = jnp.full((2,), sched.group_v.shape[0], jnp.int32)
+  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs)
 
 
-def _visit_matmul(x_mk, w_ekn, sched, used_visits, t, out_dtype, transpose_rhs):
-  """The kernel: for each of the first used_visits visits and each N tile, rows of one group."""
+def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
+  """The kernel: for each visit that holds rows and each N tile.
+
+  counts = [visits of real groups, + the zero pseudo-group's]: those visits come first.
+  """
   m, k = x_mk.shape
   num_groups = w_ekn.shape[0]
   n = w_ekn.shape[1] if transpose_rhs else w_ekn.shape[2]
@@ -184,7 +199,6 @@ def _visit_matmul(x_mk, w_ekn, sched, used_visits, t, out_dtype, transpose_rhs):
   pl, plgpu = _compat.mgpu()
   tm, tn, tk = t.tile_m, t.tile_n, t.tile_k
   cta_n = 2 * tn
-  num_visits = sched.group_v.shape[0]
   grid_n = n // cta_n
   k_iters = k // tk
   x_tf = _compat.swizzle_transforms(tk, x_mk.dtype)
@@ -193,13 +207,16 @@ def _visit_matmul(x_mk, w_ekn, sched, used_visits, t, out_dtype, transpose_rhs):
   epi_n = min(t.epi_n, tn)
   # Per-warpgroup share of the (tm, cta_n) CTA tile.
   wg_rows, wg_cols_n = (tm // 2, cta_n) if t.wg_m else (tm, tn)
+  chunks = wg_cols_n // epi_n
+  # A pipeline of pipelines must keep its slot sequence across items.
+  steady = t.steady and k_iters % t.stages == 0 and t.delay_release == 0
 
-  def pipeline(body, ctx):
+  def pipeline(body, ctx, state=None):
     w_block = (cta_n, tk) if transpose_rhs else (tk, cta_n)
     w_index = (lambda kk: (0, kk)) if transpose_rhs else (lambda kk: (kk, 0))
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_iters,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-        max_concurrent_steps=t.stages, compute_context=ctx,
+        max_concurrent_steps=t.stages, compute_context=ctx, pipeline_state=state,
         in_specs=[
             plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tf,
                             delay_release=t.delay_release),
@@ -208,8 +225,8 @@ def _visit_matmul(x_mk, w_ekn, sched, used_visits, t, out_dtype, transpose_rhs):
 
   ignore = lambda *_, **__: None
 
-  def body(used_gmem, group_gmem, start_gmem, rows_gmem, lo_gmem, x_gmem, w_gmem, o_gmem):
-    visits = num_visits if t.static_items else used_gmem[0]
+  def body(counts_gmem, group_gmem, start_gmem, rows_gmem, lo_gmem, x_gmem, w_gmem, o_gmem):
+    computed, held = counts_gmem[0], counts_gmem[1]
     fake_x = x_gmem.at[pl.ds(0, tm)]
     fake_w = (w_gmem.at[0, pl.ds(0, cta_n), :] if transpose_rhs
               else w_gmem.at[0, :, pl.ds(0, cta_n)])
@@ -225,46 +242,61 @@ def _visit_matmul(x_mk, w_ekn, sched, used_visits, t, out_dtype, transpose_rhs):
     def _scope(allocs, o_smem, o_swz):
       wg = lax.axis_index("wg")
 
-      @plgpu.nd_loop((visits * grid_n,), collective_axes="sm")
-      def _items(info):
-        v, ni = plgpu.planar_snake(info.index[0], (visits, grid_n), t.grid_minor,
-                                   t.grid_width)
-        g, rows = group_gmem[v], rows_gmem[v]
+      def item(v, ni):
+        """Visit v's rows, first row, and the epilogue that stores its N tile ni."""
+        rows = rows_gmem[v]
         row0 = pl.multiple_of(start_gmem[v], ALIGN)
         lead = jnp.maximum(lo_gmem[v] - row0, 0)
         r0 = wg * wg_rows if t.wg_m else 0
         c0 = ni * cta_n + (0 if t.wg_m else wg * tn)
         wg_cols = pl.ds(pl.multiple_of(c0, tn), wg_cols_n)
-        wg_lead = jnp.clip(lead - r0, 0, wg_rows)
-        wg_end = jnp.clip(rows - r0, 0, wg_rows)
-
-        full = (wg_lead == 0) & (wg_end == wg_rows)
 
         def epilogue(acc):
           if t.skip_epilogue:
             return
-          for c in range(wg_cols_n // epi_n):
+          wg_lead = jnp.clip(lead - r0, 0, wg_rows)
+          wg_end = jnp.clip(rows - r0, 0, wg_rows)
+          full = (wg_lead == 0) & (wg_end == wg_rows)
+          for c in range(chunks):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # buffers free again
             part = acc[:, c * epi_n:(c + 1) * epi_n]
             dst = o_gmem.at[pl.ds(pl.multiple_of(row0 + r0, ALIGN), wg_rows),
                             wg_cols].at[:, pl.ds(c * epi_n, epi_n)]
+            # Index the buffers, never slice their rows: a row slice measured ~8% slower.
+            plain = o_smem.at[wg]
 
-            def partial(part=part, dst=dst):
-              o_smem[wg] = part
+            def partial(part=part, dst=dst, plain=plain):
+              plain[...] = part
               plgpu.commit_smem()
-              _ladder_store(plgpu, pl, o_smem.at[wg], dst, wg_lead, wg_end, wg_rows)
+              _ladder_store(plgpu, pl, plain, dst, wg_lead, wg_end, wg_rows)
 
             if not t.swizzled_full:
               partial()
               continue
 
             @pl.when(full)
-            def _full():
-              o_swz[wg] = part
+            def _full(part=part, dst=dst):
+              swz = o_swz.at[wg]
+              swz[...] = part
               plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(o_swz.at[wg], dst)
+              plgpu.copy_smem_to_gmem(swz, dst)
 
             pl.when(~full)(partial)
+
+        return rows, row0, epilogue
+
+      @plgpu.nd_loop((computed * grid_n,), collective_axes="sm")
+      def _items(info):
+        v, ni = plgpu.planar_snake(info.index[0], (computed, grid_n), t.grid_minor,
+                                   t.grid_width)
+        _, row0, epilogue = item(v, ni)
+        g = jnp.minimum(group_gmem[v], num_groups - 1)
+        w_cta = (w_gmem.at[g, pl.ds(ni * cta_n, cta_n), :] if transpose_rhs
+                 else w_gmem.at[g, :, pl.ds(ni * cta_n, cta_n)])
+        state = None
+        if steady:   # the first item fills the pipeline; the TMA warpgroup never drains it
+          state = jnp.where(info.local_index == 0, plgpu.PipelinePipeline.START,
+                            plgpu.PipelinePipeline.STEADY).astype(jnp.int32)
 
         def ctx(eval_pipeline):
           @functools.partial(pl.run_scoped,
@@ -286,14 +318,14 @@ def _visit_matmul(x_mk, w_ekn, sched, used_visits, t, out_dtype, transpose_rhs):
           plgpu.wgmma_wait(t.delay_release)
           return acc_ref
 
-        @pl.when((rows > 0) & (g < num_groups))
-        def _compute():
-          w_cta = (w_gmem.at[g, pl.ds(ni * cta_n, cta_n), :] if transpose_rhs
-                   else w_gmem.at[g, :, pl.ds(ni * cta_n, cta_n)])
-          pipeline(mma, ctx)(x_gmem.at[pl.ds(row0, tm)], w_cta, allocations=allocs)
+        pipeline(mma, ctx, state)(x_gmem.at[pl.ds(row0, tm)], w_cta, allocations=allocs)
 
-        @pl.when((rows > 0) & (g == num_groups) & (wg < 2))
-        def _zeros():   # padded rows past sum(group_sizes)
+      @plgpu.nd_loop(((held - computed) * grid_n,), collective_axes="sm")
+      def _zero_items(info):   # padded rows past sum(group_sizes)
+        _, _, epilogue = item(computed + info.index[0] // grid_n, info.index[0] % grid_n)
+
+        @pl.when(wg < 2)
+        def _zeros():
           epilogue(plgpu.layout_cast(jnp.zeros((wg_rows, wg_cols_n), out_dtype),
                                      plgpu.Layout.WGMMA))
 
@@ -304,7 +336,7 @@ def _visit_matmul(x_mk, w_ekn, sched, used_visits, t, out_dtype, transpose_rhs):
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-  return kernel(used_visits, sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, x_mk, w_ekn)
+  return kernel(counts, sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, x_mk, w_ekn)
 
 
 def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=False):
