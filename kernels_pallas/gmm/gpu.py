@@ -45,6 +45,8 @@ class Tiling:
   skip_epilogue: bool = False  # DEBUG ONLY (wrong output): times the main loop alone
   wg_m: bool = False       # split the CTA tile between the warpgroups along M (m64n256 wgmma)
   steady: bool = False     # the TMA warpgroup runs on into the next item (when K steps % stages == 0)
+  profile_space: int = 0   # DEBUG: trace ranges per warpgroup (in shared memory) for Mosaic's
+  profile_dir: str = ""    # in-kernel profiler: "main" / "epilogue" per item (profile_gmm.py)
 
 
 # Measured on H100 (a13b_up): N-minor order 492 TFLOP/s, M-minor snake of width 8: 688.
@@ -150,6 +152,11 @@ def _ladder_store(plgpu, pl, src_smem, dst_gmem, lead, rows, max_rows):
     off = off + (count & size)
     size //= 2
   plgpu.commit_smem_to_gmem_group()
+
+
+def _compiler_params(plgpu, t):
+  trace = dict(profile_space=t.profile_space, profile_dir=t.profile_dir) if t.profile_space else {}
+  return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup, **trace)
 
 
 def _tiling_or_raise(op, x_mk, w_ekn, transpose_rhs, tiling):
@@ -302,8 +309,10 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
           @functools.partial(pl.run_scoped,
                              acc_ref=plgpu.ACC((wg_rows, wg_cols_n), jnp.float32))
           def _acc(acc_ref):
-            eval_pipeline(acc_ref)
-            epilogue(acc_ref[...].astype(out_dtype))
+            with jax.named_scope("main"):
+              eval_pipeline(acc_ref)
+            with jax.named_scope("epilogue"):
+              epilogue(acc_ref[...].astype(out_dtype))
 
         def mma(_, x_smem, w_smem, acc_ref):
           if t.wg_m:
@@ -334,8 +343,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
   kernel = _compat.mgpu_kernel(
       body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+      compiler_params=_compiler_params(plgpu, t))
   return kernel(counts, sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, x_mk, w_ekn)
 
 
@@ -415,8 +423,10 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=F
         def ctx(eval_pipeline):
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tko, tn), jnp.float32))
           def _acc(acc_ref):
-            eval_pipeline(acc_ref)
-            epilogue(acc_ref[...].astype(out_dtype))
+            with jax.named_scope("main"):
+              eval_pipeline(acc_ref)
+            with jax.named_scope("epilogue"):
+              epilogue(acc_ref[...].astype(out_dtype))
 
         def mma(idx, x_smem, dy_smem, acc_ref):
           dy_half = dy_smem.at[:, pl.ds(pl.multiple_of(wg * tn, tn), tn)]
@@ -450,6 +460,5 @@ def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=F
   kernel = _compat.mgpu_kernel(
       body, out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+      compiler_params=_compiler_params(plgpu, t))
   return kernel(first, leads, sizes, steps, x_mk, dy_mn)
