@@ -250,7 +250,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
       wg = lax.axis_index("wg")
 
       def item(v, ni):
-        """Visit v's rows, first row, and the epilogue that stores its N tile ni."""
+        """Visit v's first row, and the epilogue that stores its N tile ni."""
         rows = rows_gmem[v]
         row0 = pl.multiple_of(start_gmem[v], ALIGN)
         lead = jnp.maximum(lo_gmem[v] - row0, 0)
@@ -290,13 +290,13 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
 
             pl.when(~full)(partial)
 
-        return rows, row0, epilogue
+        return row0, epilogue
 
       @plgpu.nd_loop((computed * grid_n,), collective_axes="sm")
       def _items(info):
         v, ni = plgpu.planar_snake(info.index[0], (computed, grid_n), t.grid_minor,
                                    t.grid_width)
-        _, row0, epilogue = item(v, ni)
+        row0, epilogue = item(v, ni)
         g = jnp.minimum(group_gmem[v], num_groups - 1)
         w_cta = (w_gmem.at[g, pl.ds(ni * cta_n, cta_n), :] if transpose_rhs
                  else w_gmem.at[g, :, pl.ds(ni * cta_n, cta_n)])
@@ -331,7 +331,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
 
       @plgpu.nd_loop(((held - computed) * grid_n,), collective_axes="sm")
       def _zero_items(info):   # padded rows past sum(group_sizes)
-        _, _, epilogue = item(computed + info.index[0] // grid_n, info.index[0] % grid_n)
+        _, epilogue = item(computed + info.index[0] // grid_n, info.index[0] % grid_n)
 
         @pl.when(wg < 2)
         def _zeros():
