@@ -328,7 +328,7 @@ def router_variants(x, w, bias, spec, label):
   from kernels_pallas.router import gpu as router_gpu
   from kernels_pallas.router.split import split_bf16
   base = router_gpu.DEFAULT
-  tilings = {"default": base, "3 stages": dataclasses.replace(base, stages=3),
+  tilings = {"default": base, "1 stage fewer": dataclasses.replace(base, stages=base.stages - 1),
              "no lo product": dataclasses.replace(base, lo_product=False),
              "no top-k epilogue": dataclasses.replace(base, skip_select=True)}
   w_hi, w_lo = split_bf16(w)
@@ -351,14 +351,14 @@ def stage_router(profile=False, shapes=("a13b", "a13b_sigmoid", "hy3"), variants
     x = jax.random.normal(jax.random.key(3), (t, d), jnp.bfloat16)
     w = jax.random.normal(jax.random.key(4), (d, e), jnp.float32) * d ** -0.5
     bias = jax.random.normal(jax.random.key(5), (e,), jnp.float32) * 0.01 if with_bias else None
-    fused = router_gpu.select_tiling(t, d, e, x.dtype) is not None
+    fused = router_gpu.select_tiling(t, d, e, spec.top_k, x.dtype) is not None
     fns = {b: jax.jit(lambda x, w, b=b: kp.route(x, w, bias, spec, backend=b))
            for b in ("reference", "split") + (("gpu",) if fused else ())}
     if fused:
-      fns["gpu key-sort order"] = jax.jit(
-          lambda x, w: router_gpu.route_gpu(x, w, bias, spec, order="sort"))
       fns["gpu kernel alone"] = jax.jit(
           lambda x, w: router_gpu.fused_router(x, *split_bf16(w), bias, spec))
+      fns["gpu kernel writing logits"] = jax.jit(   # the forward under a gradient
+          lambda x, w: router_gpu.fused_router(x, *split_bf16(w), bias, spec, with_logits=True))
     out, times = {}, {}
     for name, f in fns.items():
       try:
@@ -375,18 +375,24 @@ def stage_router(profile=False, shapes=("a13b", "a13b_sigmoid", "hy3"), variants
           note="rounds " + "/".join(f"{v:.3f}" for v in times[name]))
       if profile and not name.startswith("gpu kernel"):
         print_top(f"{shape} route {name}", top_kernels(fns[name], x, w, iters=5, top=20))
+    if "gpu" in out:   # four routers in one program, as in a model step: no per-program launch
+      xs = jnp.stack([jnp.roll(x, i, axis=0) for i in range(4)])
+      four = jax.jit(lambda xs, w: [kp.route(xs[i], w, bias, spec, backend="gpu") for i in range(4)])
+      ms = min(timeit(four, xs, w, iters=20) for _ in range(2)) / 4
+      row("router", f"{shape} gpu, per call of 4 in one program", ms, nbytes=x.nbytes)
+      del xs
     if variants and fused:
       router_variants(x, w, bias, spec, shape)
     res = RESULTS.setdefault("router", {})
     xs = np.asarray(x[:512], np.float64) @ np.asarray(w, np.float64)
     lg = {"split": logits_fp32(x[:512], w)}
-    if "gpu kernel alone" in out:
-      lg["gpu"] = out["gpu kernel alone"].logits_te[:512]
+    if "gpu kernel writing logits" in out:
+      lg["gpu"] = out["gpu kernel writing logits"].logits_te[:512]
     for name, v in lg.items():
       res[f"{shape} logits_rel_err_{name}_vs_f64"] = rel_err(v, xs)
       print(f"  router {shape} logits {name} vs float64: rel err {rel_err(v, xs):.2e}", flush=True)
     ref = out["reference"]
-    for name in ("split", "gpu", "gpu key-sort order"):
+    for name in ("split", "gpu"):
       if name not in out:
         continue
       r = out[name]

@@ -177,17 +177,42 @@ def test_fused_router_grads_match_reference(kernel_contract):
 def test_fused_router_dispatch_and_messages():
   from kernels_pallas.router import gpu
   bf16 = jnp.bfloat16
-  assert gpu.select_tiling(65536, 4096, 64, bf16) == gpu.DEFAULT
-  assert gpu.select_tiling(65536, 4096, 192, bf16) is None      # Hy3: past the registers
-  assert gpu.select_tiling(65536, 4096, 16, bf16) is None       # Large: E = 16
-  assert gpu.select_tiling(100, 4096, 64, bf16) is None         # decode-sized T
-  assert gpu.select_tiling(4096, 4096, 64, jnp.float32) is None
+  assert gpu.select_tiling(65536, 4096, 64, 8, bf16) == gpu.DEFAULT
+  assert gpu.select_tiling(65536, 4096, 192, 8, bf16) is None      # Hy3: past the registers
+  assert gpu.select_tiling(65536, 4096, 16, 1, bf16) is None       # Large: E = 16
+  assert gpu.select_tiling(100, 4096, 64, 8, bf16) is None         # decode-sized T
+  assert gpu.select_tiling(4096, 4096, 64, 8, jnp.float32) is None
+  assert gpu.select_tiling(65536, 4096, 64, 4, bf16) is None       # k: whole [64, 8] tiles
   x, w, _ = inputs(0, 100, 64, 64, bf16, False)
   with pytest.raises(ValueError, match="backend='split'"):
     kp.route(x, w, None, SPECS[0], backend="gpu")
   x, w, bias = inputs(0, 256, 64, 64, bf16, True)
   with pytest.raises(ValueError, match="softmax"):
     kp.route(x, w, bias, SPECS[0], backend="gpu")
+
+
+def test_selection_keys_order_like_the_values_ties_to_the_lower_id():
+  from kernels_pallas.router import gpu
+  v = jnp.asarray([[-2.0, -1.0, 0.0, 1.0, 1.0, -0.5, 3.5, 3.5, 1.0 + 2.0 ** -20, -jnp.inf]])
+  keys = gpu.selection_keys(v, jnp.arange(v.shape[1], dtype=jnp.int32))
+  top, _ = jax.lax.top_k(keys, v.shape[1])
+  # 1 + 2^-20 is within the keys' 2^-17 resolution of 1.0: a tie, so id order decides
+  assert np.asarray(gpu.key_expert(top))[0].tolist() == [6, 7, 3, 4, 8, 2, 5, 1, 0, 9]
+
+
+def test_fused_router_kernel_lowers_for_cuda_on_cpu(monkeypatch):
+  """The Mosaic GPU router lowers to CUDA here, without a GPU (catches lowering errors)."""
+  from kernels_pallas import _compat
+  from kernels_pallas.router import gpu
+  monkeypatch.setattr(_compat, "num_sms", lambda: 132)
+  bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+  for spec in FUSED_SPECS:
+    bias = jax.ShapeDtypeStruct((64,), jnp.float32) if spec.scoring == "sigmoid" else None
+    for with_logits in (False, True):
+      fn = lambda x, hi, lo, b: gpu.fused_router(x, hi, lo, b, spec, with_logits=with_logits)
+      text = jax.jit(fn).trace(bf(256, 128), bf(128, 64), bf(128, 64), bias).lower(
+          lowering_platforms=("cuda",)).as_text()
+      assert "mosaic_gpu" in text
 
 
 @pytest.mark.gpu
@@ -201,16 +226,27 @@ def test_gpu_fused_router_kernel(spec_i):
   x, w, bias = inputs(60 + spec_i, 1024, 512, 64, jnp.bfloat16, spec.scoring == "sigmoid")
   x = x.at[:3].set(0)   # all-equal rows: ties to the lower id
   w_hi, w_lo = split_bf16(w)
-  got = jax.jit(gpu.fused_router, static_argnums=4)(x, w_hi, w_lo, bias, spec)
-  want = gpu.fused_router_reference(x, w_hi, w_lo, bias, spec)
-  np.testing.assert_allclose(got.logits_te, want.logits_te, rtol=1e-5, atol=1e-5)
-  k = spec.top_k
-  same = np.asarray(got.picks_ct[:k]) == np.asarray(want.picks_ct[:k])
-  assert same.mean() > 0.999, same.mean()   # near-ties may flip between fp32 summation orders
-  assert same[:, :3].all()
-  rows = same.all(axis=0)                   # tokens with identical picks: compare the weights
-  np.testing.assert_allclose(np.asarray(got.picks_ct[k:])[:, rows],
-                             np.asarray(want.picks_ct[k:])[:, rows], rtol=2e-5, atol=1e-6)
+  want = gpu.fused_router_reference(x, w_hi, w_lo, bias, spec, with_logits=True)
+  for with_logits in (True, False):
+    got = jax.jit(functools.partial(gpu.fused_router, spec=spec, with_logits=with_logits))(
+        x, w_hi, w_lo, bias)
+    if with_logits:
+      np.testing.assert_allclose(got.logits_te, want.logits_te, rtol=1e-5, atol=1e-5)
+    else:
+      assert got.logits_te is None
+    same = np.asarray(got.experts_tk) == np.asarray(want.experts_tk)
+    assert same.mean() > 0.999, same.mean()   # near-ties may flip between fp32 summation orders
+    assert same[:3].all()
+    rows = same.all(axis=1)                   # tokens with identical picks: compare the weights
+    np.testing.assert_allclose(np.asarray(got.weights_tk)[rows], np.asarray(want.weights_tk)[rows],
+                               rtol=2e-5, atol=1e-6)
+    blocks = rows.reshape(-1, gpu.BLOCK).all(axis=1)   # blocks with identical picks: exact prefixes
+    assert blocks.mean() > 0.5, blocks
+    np.testing.assert_array_equal(
+        np.asarray(got.before_te, np.float32).reshape(-1, gpu.BLOCK, 64)[blocks],
+        np.asarray(want.before_te, np.float32).reshape(-1, gpu.BLOCK, 64)[blocks])
+    np.testing.assert_allclose(np.sum(np.asarray(got.probsum_pe), 0), want.probsum_pe[0], rtol=1e-5)
+    np.testing.assert_allclose(np.sum(np.asarray(got.lse_sq_p)), want.lse_sq_p[0], rtol=1e-5)
   r = kp.route(x, w, bias, spec, backend="gpu")
   o = oracle(x, w, bias, spec)
   assert np.mean(np.asarray(r.experts_tk) == o["experts"]) > 0.999

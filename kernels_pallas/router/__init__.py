@@ -24,8 +24,9 @@ def _fused_applies(x_td, w_gate_de, bias_e, spec: RouterSpec) -> str:
   if spec.scoring == "softmax" and bias_e is not None:
     return "a selection bias on a softmax router"
   t, d = x_td.shape
-  if gpu.select_tiling(t, d, w_gate_de.shape[1], x_td.dtype) is None:
-    return gpu.why_not(t, d, w_gate_de.shape[1], x_td.dtype)
+  args = (t, d, w_gate_de.shape[1], spec.top_k, x_td.dtype)
+  if gpu.select_tiling(*args) is None:
+    return gpu.why_not(*args)
   return ""
 
 

@@ -1,18 +1,20 @@
-"""Fused router on Hopper in Mosaic GPU: logits, top-k and combine weights in one read of x.
+"""Fused router on Hopper in Mosaic GPU: logits, top-k, expert order and statistics in one read of x.
 
 One CTA = 2 compute warpgroups + 1 TMA warpgroup over a persistent grid of row tiles. Each
-warpgroup accumulates its rows' logits with two bf16 wgmmas per step into one fp32
+warpgroup accumulates its 64-token block's logits with two bf16 wgmmas per step into one fp32
 accumulator, x @ w_hi + x @ w_lo (w_gate split as in split.py; bf16 x times a bf16 part is
-exact in fp32, so the sum is the fp32 logits to ~2^-16 relative). The epilogue, in
-registers: the scores, top-k (k rounds of a row max, lowest id among ties) and the
-renormalised weights. Two outputs: the logits (the backward's residual, and the input of
-the statistics) and one f32 [2k, T] array of per-token results. Column sums are left to XLA:
-Mosaic's cross-warp reductions share one scratch buffer between the two warpgroups (seen on
-the H100: both warpgroups got one's sums).
+exact in fp32, so the sum is the fp32 logits to ~2^-16 relative). The epilogue, in registers:
+the scores, top-k on packed keys (`selection_keys`: one row max per pick gives value and id)
+and the renormalised weights. The block's pick matrix H [64 tokens, E] then goes through shared
+memory into one small wgmma, L @ H with L strictly lower triangular: for every token and expert,
+the picks of that expert by the block's earlier tokens, which XLA turns into the expert order
+with a cumsum over blocks and one scatter. The statistics accumulate per warpgroup in shared
+memory, element by element: Mosaic's cross-warp reductions share one scratch buffer between the
+two warpgroups (seen on the H100: both got one's sums), so the kernel never reduces over rows.
 """
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,132 +22,206 @@ from jax import lax
 
 from kernels_pallas import _compat
 from kernels_pallas.router import split
-from kernels_pallas.router.reference import (RouterSpec, Routing, combine_weights, expert_order,
+from kernels_pallas.router.reference import (RouterSpec, Routing, combine_weights,
                                              inverse_permutation, scores_and_probs)
+
+BLOCK = 64   # tokens per warpgroup block: the rows of the wgmmas and of the order's blocks
+ID_BITS = 6  # an expert id in the low bits of a selection key (E = 64)
+
+
+def selection_keys(sel, col):
+  """int32 keys that order like `sel`, ties to the lower id, unique per row: sel's float bits
+  made monotone as signed ints, their low ID_BITS replaced by (E - 1 - id). One row max gives
+  a pick's value and id. Values closer than 2^-17 relative (below the logits' own ~2^-16
+  accuracy) count as ties. Shared by the kernel (Mosaic arrays) and its jnp contract."""
+  bits = lax.bitcast_convert_type(sel, jnp.int32)
+  ordered = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+  low = (1 << ID_BITS) - 1
+  return (ordered & jnp.int32(~low)) | (jnp.int32(low) - col)
+
+
+def key_expert(key):
+  return jnp.int32((1 << ID_BITS) - 1) - (key & jnp.int32((1 << ID_BITS) - 1))
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-  rows: int = 64       # rows per compute warpgroup (the CTA tile is 2x this); 64 keeps the
-                       # epilogue's [rows, E] f32 arrays at 32 registers each for E = 64
   tile_k: int = 64     # contraction step (64 bf16 = one 128-byte swizzle row)
-  stages: int = 4      # TMA pipeline depth
+  stages: int = 4      # TMA pipeline depth (5 fit, and ran 2% slower); one fewer when the
+                       # kernel also writes the logits
   lo_product: bool = True    # DEBUG ONLY when False (logits lose w's low bits): times the MMAs
   skip_select: bool = False  # DEBUG ONLY (wrong picks): times the epilogue's top-k
 
 
-# E = 64 (A13B) only. At E = 192 (Hy3) the epilogue's [64, E] f32 arrays spill past the
-# register file: the top-k made that kernel 2.2x slower (0.41 -> 0.89 ms on the H100).
+# E = 64 (A13B) only: the epilogue's [64, E] f32 arrays take 32 registers each, and the count
+# trick reads the block's counts off the diagonal of a [64, E] matrix. At E = 192 (Hy3) the
+# arrays spill past the register file (the top-k made that kernel 2.2x slower, 0.41 -> 0.89 ms).
 DEFAULT = Tiling()
 
 
 class KernelOut(NamedTuple):
-  logits_te: jax.Array     # f32 [T, E]
-  picks_ct: jax.Array      # f32 [2k, T]: rows [0, k) the expert ids (exact in f32), rows
-                           # [k, 2k) their renormalised, scaled combine weights. Token-major
-                           # [T, 2k] would save XLA's transposes, but the column stores into
-                           # shared memory do not lower in jax 0.11.2 (non-contiguous swizzle)
+  experts_tk: jax.Array     # int32 [T, k]: picks by score, ties to the lower id
+  weights_tk: jax.Array     # f32 [T, k]: renormalised, scaled combine weights
+  before_te: jax.Array      # bf16 [T, E] (exact: <= 63): picks of expert e by the earlier
+                            # tokens of t's 64-token block
+  probsum_pe: jax.Array     # f32 [P, E]: partial sums over tokens of the normalised probabilities
+  lse_sq_p: jax.Array       # f32 [P]: partial sums over tokens of logsumexp(logits)^2
+  logits_te: Optional[jax.Array]   # f32 [T, E] when asked for (the backward's residual)
 
 
-def select_tiling(num_tokens, dim, num_experts, x_dtype):
+def select_tiling(num_tokens, dim, num_experts, top_k, x_dtype):
   """The tiling for these shapes, or None where the kernel does not apply (pure Python)."""
-  t = DEFAULT
-  if (jnp.dtype(x_dtype) != jnp.bfloat16 or num_experts != 64 or num_tokens % (2 * t.rows)
-      or dim % t.tile_k):
+  if (jnp.dtype(x_dtype) != jnp.bfloat16 or num_experts != BLOCK or top_k % 8
+      or num_tokens % (2 * BLOCK) or dim % DEFAULT.tile_k):
     return None
-  return t
+  return DEFAULT
 
 
-def why_not(num_tokens, dim, num_experts, x_dtype):
+def why_not(num_tokens, dim, num_experts, top_k, x_dtype):
   if jnp.dtype(x_dtype) != jnp.bfloat16:
     return f"x is {jnp.dtype(x_dtype)}; the fused GPU router takes bf16 activations"
-  if num_experts != 64:
-    return f"E={num_experts}; the fused GPU router is tiled for E = 64"
-  return f"T={num_tokens} must divide by the {2 * DEFAULT.rows}-row tile and D={dim} by 64"
+  if num_experts != BLOCK:
+    return f"E={num_experts}; the fused GPU router is tiled for E = {BLOCK}"
+  if top_k % 8:
+    return f"top_k={top_k}; the fused GPU router writes [64, k] wgmma tiles (k a multiple of 8)"
+  return f"T={num_tokens} must divide by {2 * BLOCK} and D={dim} by {DEFAULT.tile_k}"
 
 
-def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, tiling=None) -> KernelOut:
+def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logits=False,
+                 tiling=None) -> KernelOut:
   """The kernel. Selection on the logits for softmax (monotone: the same top-k as on the
   probabilities) and on sigmoid(logits) + bias_e for sigmoid; ties to the lower expert id."""
   num_tokens, dim = x_td.shape
-  num_experts = w_hi_de.shape[1]
-  t = tiling or select_tiling(num_tokens, dim, num_experts, x_td.dtype)
+  num_experts, top_k = w_hi_de.shape[1], spec.top_k
+  t = tiling or select_tiling(num_tokens, dim, num_experts, top_k, x_td.dtype)
   if t is None:
-    why = why_not(num_tokens, dim, num_experts, x_td.dtype)
+    why = why_not(num_tokens, dim, num_experts, top_k, x_td.dtype)
     raise ValueError(f"kernels_pallas.route backend='gpu': {why}; use backend='split'.")
   pl, plgpu = _compat.mgpu()
-  rows, tk, top_k = t.rows, t.tile_k, spec.top_k
+  rows, tk = BLOCK, t.tile_k
   cta_rows = 2 * rows
   num_tiles = num_tokens // cta_rows
+  num_sms = _compat.num_sms()
   sigmoid = spec.scoring == "sigmoid"
   has_bias = sigmoid and bias_e is not None
   bias_e = (bias_e if has_bias else jnp.zeros((num_experts,))).astype(jnp.float32)
   x_tf = _compat.swizzle_transforms(tk, x_td.dtype)
   w_cat = jnp.concatenate([w_hi_de, w_lo_de], axis=1)   # one operand: one TMA descriptor
   w_tf = _compat.swizzle_transforms(2 * num_experts, w_cat.dtype)
-  shape = (rows, num_experts)
-  per_row = lambda v: lax.broadcast_in_dim(v, shape, [0])   # ([:, None] does not lower)
+  f32_tf = _compat.swizzle_transforms(num_experts, jnp.float32)
+  shape, shape_k = (rows, num_experts), (rows, top_k)
+  wgmma = plgpu.Layout.WGMMA
+  per_row = lambda v, s=shape: lax.broadcast_in_dim(v, s, [0])   # ([:, None] does not lower)
   row_sum = lambda a: jnp.sum(a, axis=1)
+  const = lambda v, dt, s=shape: plgpu.layout_cast(jnp.full(s, v, dt), wgmma)
 
   def pipeline(body, ctx):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(dim // tk,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-        max_concurrent_steps=t.stages, compute_context=ctx,
+        max_concurrent_steps=t.stages - with_logits, compute_context=ctx,
         in_specs=[plgpu.BlockSpec((cta_rows, tk), lambda kk: (0, kk), transforms=x_tf),
                   plgpu.BlockSpec((tk, 2 * num_experts), lambda kk: (kk, 0), transforms=w_tf)])
 
   ignore = lambda *_, **__: None
 
-  def epilogue(logits, bias_smem, picks_smem):
-    """Top-k ids and weights of one warpgroup's [rows, E] logits, into picks_smem [2k, rows]."""
-    iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-    iota = iota.astype(jnp.float32)
+  def select(logits, bias_smem):
+    """Top-k of one block's [rows, E] logits: ids and weights as [rows, k] arrays, the pick
+    matrix, the normalised probabilities and logsumexp."""
+    col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma)
+    col_k = plgpu.broadcasted_iota(jnp.int32, shape_k, 1, layout=wgmma)
+    top = jnp.max(logits, axis=1)
+    ex = jnp.exp(logits - per_row(top))
+    total = row_sum(ex)
+    lse = top + jnp.log(total)
     if sigmoid:
       scores = 1.0 / (1.0 + jnp.exp(-logits))
+      probs = scores * per_row(1.0 / row_sum(scores))
       sel = scores
       if has_bias:
-        bias = plgpu.load(bias_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+        bias = plgpu.load(bias_smem, (), layout=wgmma.reduce(0))
         sel = sel + lax.broadcast_in_dim(bias, shape, [1])
-    else:   # probabilities of the picks from their logits: exp(l - max) / sum
-      top = jnp.max(logits, axis=1)
-      total = row_sum(jnp.exp(logits - per_row(top)))
+    else:
+      probs = ex * per_row(1.0 / total)
       sel = logits
+    key = selection_keys(sel, col)
+    taken = jnp.int32(jnp.iinfo(jnp.int32).min)   # no real key: its bits are a NaN's
+    ids = const(0, jnp.int32, shape_k)
     picked = []
     for j in range(top_k):
-      best = per_row(jnp.max(sel, axis=1))
-      first = jnp.min(jnp.where(sel == best, iota, float(num_experts)), axis=1)
-      hit = iota == per_row(first)
-      picks_smem[j] = first
-      if sigmoid:   # the unbiased score of the pick
+      best = jnp.max(key, axis=1)
+      hit = key == per_row(best)
+      ids = jnp.where(col_k == j, per_row(key_expert(best), shape_k), ids)
+      if sigmoid:   # the pick's exact, unbiased score
         picked.append(row_sum(jnp.where(hit, scores, 0.0)))
       else:
         picked.append(jnp.exp(jnp.max(jnp.where(hit, logits, -jnp.inf), axis=1) - top) / total)
-      sel = jnp.where(hit, -jnp.inf, sel)
+      key = jnp.where(hit, taken, key)
     denom = None
     if spec.renormalize:
       denom = functools.reduce(lambda a, b: a + b, picked) + spec.eps
       if not sigmoid:
         denom = jnp.maximum(denom, jnp.finfo(jnp.float32).eps)
-    for j, score in enumerate(picked):
-      picks_smem[top_k + j] = (score if denom is None else score / denom) * spec.scale
+    weights = const(0.0, jnp.float32, shape_k)
+    for j in range(top_k):
+      w_j = (picked[j] if denom is None else picked[j] / denom) * spec.scale
+      weights = jnp.where(col_k == j, per_row(w_j, shape_k), weights)
+    return ids, weights, key == taken, probs, lse
 
-  def body(x_gmem, w_gmem, bias_gmem, logits_gmem, picks_gmem):
-    @functools.partial(
-        pl.run_scoped,
+  def body(x_gmem, w_gmem, bias_gmem, *outs):
+    experts_gmem, weights_gmem, before_gmem, probsum_gmem, lse_sq_gmem = outs[:5]
+    logits_gmem = outs[5] if with_logits else None
+    bf16_tf = _compat.swizzle_transforms(num_experts, jnp.bfloat16)
+    scratch = dict(
         allocs=pipeline(ignore, ignore).get_allocations(x_gmem.at[pl.ds(0, cta_rows)], w_gmem),
-        l_smem=plgpu.SMEM((2, rows, num_experts), jnp.float32,
-                          transforms=_compat.swizzle_transforms(num_experts, jnp.float32)),
-        p_smem=plgpu.SMEM((2, 2 * top_k, rows), jnp.float32),
+        h_smem=plgpu.SMEM((2, rows, num_experts), jnp.bfloat16, transforms=bf16_tf),
+        ids_smem=plgpu.SMEM((2, rows, top_k), jnp.int32),
+        w_smem=plgpu.SMEM((2, rows, top_k), jnp.float32),
+        ps_smem=plgpu.SMEM((2, rows, num_experts), jnp.float32, transforms=f32_tf),
+        lsq_smem=plgpu.SMEM((2, rows), jnp.float32),
         b_smem=plgpu.SMEM((num_experts,), jnp.float32),
-        bar=plgpu.Barrier(num_arrivals=1),
-        collective_axes="wg")
-    def _scope(allocs, l_smem, p_smem, b_smem, bar):
+        bar=plgpu.Barrier(num_arrivals=1))
+    if with_logits:
+      scratch["l_smem"] = plgpu.SMEM((2, rows, num_experts), jnp.float32, transforms=f32_tf)
+
+    @functools.partial(pl.run_scoped, collective_axes="wg", **scratch)
+    def _scope(allocs, h_smem, ids_smem, w_smem, ps_smem, lsq_smem, b_smem, bar, l_smem=None):
       wg = lax.axis_index("wg")
+      sm = lax.axis_index("sm")
       if has_bias:
         @pl.when(wg == 0)
         def _load_bias():
           plgpu.copy_gmem_to_smem(bias_gmem, b_smem, bar)
         plgpu.barrier_wait(bar)
+      compute = wg < 2   # warpgroup 2 issues the TMA loads inside the pipeline
+
+      @pl.when(compute)
+      def _zero_stats():
+        ps_smem[wg] = const(0.0, jnp.float32)
+        lsq_smem[wg] = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), wgmma.reduce(1))
+
+      def epilogue(logits, my_rows):
+        ids, weights, hits, probs, lse = select(logits, b_smem)
+        ps_smem[wg] = plgpu.load(ps_smem.at[wg], (), layout=wgmma) + probs
+        lsq_smem[wg] = plgpu.load(lsq_smem.at[wg], (), layout=wgmma.reduce(1)) + lse * lse
+        ids_smem[wg] = ids
+        w_smem[wg] = weights
+        h_smem[wg] = jnp.where(hits, 1.0, 0.0).astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(ids_smem.at[wg], experts_gmem.at[my_rows])
+        plgpu.copy_smem_to_gmem(w_smem.at[wg], weights_gmem.at[my_rows])
+        row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma)
+        col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma)
+        lower = (row > col).astype(jnp.bfloat16)   # L[i, j] = 1 for j < i
+
+        def prefix(acc_ref):
+          plgpu.wgmma(acc_ref, lower, h_smem.at[wg])
+          plgpu.wgmma_wait(0)
+          return acc_ref[...]
+
+        before = pl.run_scoped(prefix, plgpu.ACC(shape, jnp.float32))
+        h_smem[wg] = before.astype(jnp.bfloat16)   # the wgmma has read H
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(h_smem.at[wg], before_gmem.at[my_rows])
 
       @plgpu.nd_loop((num_tiles,), collective_axes="sm")
       def _items(info):
@@ -157,34 +233,49 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, tiling=Non
           def _acc(acc_ref):
             eval_pipeline(acc_ref)
             logits = acc_ref[...]
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last tile's stores have read
-            l_smem[wg] = logits
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last block's stores have read
+            if with_logits:
+              l_smem[wg] = logits
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(l_smem.at[wg], logits_gmem.at[my_rows])
             if not t.skip_select:
-              epilogue(logits, b_smem, p_smem.at[wg])
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(l_smem.at[wg], logits_gmem.at[my_rows])
-            plgpu.copy_smem_to_gmem(p_smem.at[wg], picks_gmem.at[:, my_rows])
+              epilogue(logits, my_rows)
 
-        def mma(_, x_smem, w_smem, acc_ref):
+        def mma(_, x_smem, w_smem_, acc_ref):
           a = x_smem.at[pl.ds(pl.multiple_of(wg * rows, rows), rows)]
-          plgpu.wgmma(acc_ref, a, w_smem.at[:, pl.ds(0, num_experts)])
+          plgpu.wgmma(acc_ref, a, w_smem_.at[:, pl.ds(0, num_experts)])
           if t.lo_product:
-            plgpu.wgmma(acc_ref, a, w_smem.at[:, pl.ds(num_experts, num_experts)])
+            plgpu.wgmma(acc_ref, a, w_smem_.at[:, pl.ds(num_experts, num_experts)])
           plgpu.wgmma_wait(0)
           return acc_ref
 
         pipeline(mma, ctx)(x_gmem.at[pl.ds(row0, cta_rows)], w_gmem, allocations=allocs)
 
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      @pl.when(compute)
+      def _write_stats():
+        part = sm * 2 + wg   # this warpgroup's row of the partial statistics
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(ps_smem.at[wg], probsum_gmem.at[part])
+        plgpu.copy_smem_to_gmem(lsq_smem.at[wg], lse_sq_gmem.at[part])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  out_type = KernelOut(jax.ShapeDtypeStruct((num_tokens, num_experts), jnp.float32),
-                       jax.ShapeDtypeStruct((2 * top_k, num_tokens), jnp.float32))
+  parts = 2 * num_sms
+  out_type = [jax.ShapeDtypeStruct((num_tokens, top_k), jnp.int32),
+              jax.ShapeDtypeStruct((num_tokens, top_k), jnp.float32),
+              jax.ShapeDtypeStruct((num_tokens, num_experts), jnp.bfloat16),
+              jax.ShapeDtypeStruct((parts, rows, num_experts), jnp.float32),
+              jax.ShapeDtypeStruct((parts, rows), jnp.float32)]
+  if with_logits:
+    out_type.append(jax.ShapeDtypeStruct((num_tokens, num_experts), jnp.float32))
   kernel = _compat.mgpu_kernel(
-      body, out_type=tuple(out_type), grid=(_compat.num_sms(),), grid_names=("sm",),
+      body, out_type=tuple(out_type), grid=(num_sms,), grid_names=("sm",),
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-  return KernelOut(*kernel(x_td, w_cat, bias_e))
+  outs = kernel(x_td, w_cat, bias_e)
+  experts, weights, before, probsum, lse_sq = outs[:5]
+  return KernelOut(experts, weights, before, probsum.reshape(parts * rows, num_experts),
+                   lse_sq.reshape(-1), outs[5] if with_logits else None)
 
 
 def weights_from_logits(logits_te, experts_tk, spec: RouterSpec):
@@ -193,72 +284,97 @@ def weights_from_logits(logits_te, experts_tk, spec: RouterSpec):
 
 
 def fused_router_reference(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *,
-                           tiling=None) -> KernelOut:
-  """The kernel's contract in jnp (CPU tests of the code around it, GPU tests of the kernel)."""
+                           with_logits=False, tiling=None) -> KernelOut:
+  """The kernel's contract in jnp (CPU tests of the code around it, GPU tests of the kernel).
+  Its statistics come as one partial (the kernel's partials are per warpgroup)."""
   del tiling
+  num_tokens, num_experts = x_td.shape[0], w_hi_de.shape[1]
   logits_te = (jnp.dot(x_td, w_hi_de, preferred_element_type=jnp.float32)
                + jnp.dot(x_td, w_lo_de, preferred_element_type=jnp.float32))
   sigmoid = spec.scoring == "sigmoid"
   sel_te = jax.nn.sigmoid(logits_te) if sigmoid else logits_te
   if sigmoid and bias_e is not None:
     sel_te = sel_te + bias_e.astype(jnp.float32)
-  _, experts_tk = lax.top_k(sel_te, spec.top_k)
+  keys, _ = lax.top_k(selection_keys(sel_te, jnp.arange(num_experts, dtype=jnp.int32)), spec.top_k)
+  experts_tk = key_expert(keys)
   weights_tk = weights_from_logits(logits_te, experts_tk, spec)
-  return KernelOut(logits_te, jnp.concatenate([experts_tk.T.astype(jnp.float32), weights_tk.T]))
+  picked_bte = (experts_tk[:, :, None] == jnp.arange(num_experts)).any(1).reshape(
+      -1, BLOCK, num_experts).astype(jnp.float32)
+  before_te = (jnp.cumsum(picked_bte, axis=1) - picked_bte).reshape(num_tokens, num_experts)
+  lse_t = jax.nn.logsumexp(logits_te, axis=-1)
+  return KernelOut(experts_tk, weights_tk, before_te.astype(jnp.bfloat16),
+                   jnp.sum(scores_and_probs(logits_te, spec)[1], axis=0, keepdims=True),
+                   jnp.sum(lse_t ** 2, keepdims=True), logits_te if with_logits else None)
+
+
+def _kernel(x_td, w_gate_de, bias_e, spec, with_logits):
+  return fused_router(x_td, *split.split_bf16(w_gate_de), bias_e, spec, with_logits=with_logits)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(x_td, w_gate_de, bias_e, spec):
-  return fused_router(x_td, *split.split_bf16(w_gate_de), bias_e, spec)
+  """(weights, mean probability per expert, z-loss, experts, block prefix counts): the kernel
+  plus its statistics' last sums. Without a gradient the kernel skips writing the logits."""
+  return _with_stats(_kernel(x_td, w_gate_de, bias_e, spec, False))
+
+
+def _with_stats(out: KernelOut):
+  num_tokens = out.experts_tk.shape[0]
+  return (out.weights_tk, jnp.sum(out.probsum_pe, axis=0) / num_tokens,
+          jnp.sum(out.lse_sq_p) / num_tokens, out.experts_tk, out.before_te)
 
 
 def _fused_fwd(x_td, w_gate_de, bias_e, spec):
-  out = _fused(x_td, w_gate_de, bias_e, spec)
-  return out, (x_td, w_gate_de, bias_e, out.logits_te, out.picks_ct[:spec.top_k])
+  out = _kernel(x_td, w_gate_de, bias_e, spec, True)
+  return _with_stats(out), (x_td, w_gate_de, bias_e, out.logits_te, out.experts_tk)
 
 
-def _fused_bwd(spec, res, ct: KernelOut):
-  x_td, w_gate_de, bias_e, logits_te, experts_kt = res
-  experts_tk = experts_kt.T.astype(jnp.int32)
-  _, vjp = jax.vjp(lambda lg: weights_from_logits(lg, experts_tk, spec), logits_te)
-  (dl_te,) = vjp(ct.picks_ct[spec.top_k:].T)
-  dx_td, dw_de = split.logits_grads(x_td, w_gate_de, dl_te + ct.logits_te)
+def _fused_bwd(spec, res, ct):
+  x_td, w_gate_de, bias_e, logits_te, experts_tk = res
+
+  def differentiable_outputs(lg):   # what the kernel computes from the logits, in jnp
+    return (weights_from_logits(lg, experts_tk, spec),
+            jnp.mean(scores_and_probs(lg, spec)[1], axis=0),
+            jnp.mean(jax.nn.logsumexp(lg, axis=-1) ** 2))
+
+  _, vjp = jax.vjp(differentiable_outputs, logits_te)
+  (dl_te,) = vjp(tuple(ct[:3]))
+  dx_td, dw_de = split.logits_grads(x_td, w_gate_de, dl_te)
   return dx_td, dw_de, None if bias_e is None else jnp.zeros_like(bias_e)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def order_from_picks(experts_tk, num_experts):
-  """(stable expert order of the flat assignments, group sizes) without a sort.
+def order_from_blocks(experts_tk, before_te):
+  """(stable expert order of the flat assignments, group sizes) from the kernel's block prefixes.
 
-  An assignment's place is its expert's offset plus the number of earlier tokens that picked
-  that expert (a token picks an expert at most once: a cumsum over tokens), then one
-  scatter inverts the places.
+  An assignment's place is its expert's offset, plus that expert's picks in earlier blocks (a
+  cumsum over the [T / 64, E] block counts: the last token's prefix plus its own picks), plus
+  the picks by earlier tokens of its block; one scatter inverts the places.
   """
-  picked_te = jnp.any(experts_tk[:, :, None] == jnp.arange(num_experts, dtype=jnp.int32),
-                      axis=1).astype(jnp.int32)
-  group_sizes_e = jnp.sum(picked_te, axis=0)
-  before_te = jnp.cumsum(picked_te, axis=0) - picked_te
-  offset_e = jnp.cumsum(group_sizes_e) - group_sizes_e
-  place_tk = jnp.take_along_axis(before_te + offset_e, experts_tk, axis=1)
+  num_tokens, num_experts = before_te.shape
+  last_bte = before_te[BLOCK - 1::BLOCK].astype(jnp.int32)
+  last_picks = experts_tk[BLOCK - 1::BLOCK, :, None] == jnp.arange(num_experts, dtype=jnp.int32)
+  counts_be = last_bte + jnp.sum(last_picks, axis=1, dtype=jnp.int32)
+  group_sizes_e = jnp.sum(counts_be, axis=0)
+  # exclusive cumsum over blocks as one matmul: XLA's GPU cumsum is a reduce_window, O(blocks^2)
+  # (0.03 ms here); bf16 holds the counts (<= 64) exactly and f32 accumulates them exactly
+  num_blocks = counts_be.shape[0]
+  earlier_bb = jnp.tri(num_blocks, k=-1, dtype=jnp.bfloat16)
+  base_be = (jnp.dot(earlier_bb, counts_be.astype(jnp.bfloat16),
+                     preferred_element_type=jnp.float32).astype(jnp.int32)
+             + (jnp.cumsum(group_sizes_e) - group_sizes_e))
+  block_t = jnp.arange(num_tokens, dtype=jnp.int32) // BLOCK
+  place_tk = (jnp.take_along_axis(before_te, experts_tk, axis=1).astype(jnp.int32)
+              + base_be.reshape(-1)[block_t[:, None] * num_experts + experts_tk])
   return inverse_permutation(place_tk.reshape(-1)), group_sizes_e
 
 
-def route_gpu(x_td, w_gate_de, bias_e, spec: RouterSpec, *, order="cumsum") -> Routing:
-  """The fused kernel; then the expert order and the statistics over the logits in XLA."""
-  out = _fused(x_td, w_gate_de, bias_e if spec.scoring == "sigmoid" else None, spec)
-  num_tokens, num_experts = out.logits_te.shape
-  experts_tk = out.picks_ct[:spec.top_k].T.astype(jnp.int32)
-  weights_tk = out.picks_ct[spec.top_k:].T
-  sort_idx_m, group_sizes_e = order_from_picks(experts_tk, num_experts)
-  if order == "sort":   # for the benchmark's comparison
-    sort_idx_m = expert_order(experts_tk.reshape(-1), num_experts)
-  lse_t = jax.nn.logsumexp(out.logits_te, axis=-1)
-  if spec.scoring == "softmax":   # the softmax from the logsumexp: one pass fewer
-    probs_te = jnp.exp(out.logits_te - lse_t[:, None])
-  else:
-    probs_te = scores_and_probs(out.logits_te, spec)[1]
-  return Routing(weights_tk, experts_tk, sort_idx_m, group_sizes_e.astype(jnp.int32),
-                 group_sizes_e.astype(jnp.float32) / (num_tokens * spec.top_k),
-                 jnp.mean(probs_te, axis=0), jnp.mean(lse_t ** 2))
+def route_gpu(x_td, w_gate_de, bias_e, spec: RouterSpec) -> Routing:
+  """The fused kernel; then the expert order from its block prefixes in XLA."""
+  weights_tk, mean_prob_e, z_loss, experts_tk, before_te = _fused(
+      x_td, w_gate_de, bias_e if spec.scoring == "sigmoid" else None, spec)
+  sort_idx_m, group_sizes_e = order_from_blocks(experts_tk, before_te)
+  return Routing(weights_tk, experts_tk, sort_idx_m, group_sizes_e,
+                 group_sizes_e.astype(jnp.float32) / sort_idx_m.shape[0], mean_prob_e, z_loss)
