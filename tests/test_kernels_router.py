@@ -60,6 +60,7 @@ def test_route_matches_oracle(backend, spec_i, dtype):
   rtol = 1e-4 if (backend == "split" and dtype == jnp.float32) else 2e-5
   np.testing.assert_allclose(r.weights_tk, o["weights"], rtol=rtol, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(r.sort_idx_m), o["sort_idx"])
+  np.testing.assert_array_equal(np.asarray(r.slot_pos_m), np.argsort(o["sort_idx"]))
   np.testing.assert_array_equal(np.asarray(r.group_sizes_e), o["sizes"])
   np.testing.assert_allclose(r.expert_frac_e, o["sizes"] / o["sort_idx"].size, rtol=1e-6)
   np.testing.assert_allclose(r.mean_prob_e, o["mean_prob"], rtol=rtol, atol=1e-7)
@@ -153,6 +154,7 @@ def test_fused_router_glue_matches_oracle(kernel_contract, spec_i):
   np.testing.assert_array_equal(np.asarray(r.experts_tk), o["experts"])
   np.testing.assert_allclose(r.weights_tk, o["weights"], rtol=2e-5, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(r.sort_idx_m), o["sort_idx"])
+  np.testing.assert_array_equal(np.asarray(r.slot_pos_m), np.argsort(o["sort_idx"]))
   np.testing.assert_array_equal(np.asarray(r.group_sizes_e), o["sizes"])
   np.testing.assert_allclose(r.mean_prob_e, o["mean_prob"], rtol=2e-5, atol=1e-7)
   np.testing.assert_allclose(r.z_loss, o["z"], rtol=2e-5)

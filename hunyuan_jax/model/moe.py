@@ -170,7 +170,7 @@ def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array]
   e_local, _, _, f = wi_edkf.shape
   r = kp.route(x_td, w_router_de, bias_e, router_spec(cfg, top_k))
   weights_tk, experts_tk = r.weights_tk, r.experts_tk
-  group_sizes, sort_idx = r.group_sizes_e, r.sort_idx_m
+  group_sizes, sort_idx, inverse = r.group_sizes_e, r.sort_idx_m, r.slot_pos_m
   dropped = jnp.zeros((), jnp.float32)
   if cfg.moe_capacity_factor > 0:
     if cfg.moe_expert_recycling:
@@ -181,6 +181,7 @@ def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array]
     dropped = 1.0 - jnp.mean(keep_tk.astype(jnp.float32))
   if e_local != e or cfg.moe_expert_recycling:
     sort_idx, group_sizes = _local_groups(experts_tk, expert_offset, e_local)
+    inverse = kp.inverse_permutation(sort_idx)
   # Weights follow the reference's dtype path: the remote code and transformers cast them to the
   # activation dtype before the combine; Hy3 keeps its fp32 combine.
   if not cfg.moe_fp32_combine:
@@ -195,7 +196,6 @@ def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array]
     y_kd = kp.gmv(swiglu(h_kf2.reshape(-1, 2, f)), wo_efd.astype(dtype), experts_k, backend=backend)
     y_td = jnp.einsum("kd,k->d", y_kd.astype(jnp.float32), weights_tk[0])[None]
     return y_td, MoEStats(r.expert_frac_e, r.mean_prob_e, r.z_loss, dropped)
-  inverse = kp.inverse_permutation(sort_idx)
   x_sorted_md = take_rows(x_td.astype(dtype), sort_idx, inverse, top_k)
   h_mf2 = kp.gmm(x_sorted_md, wi_edkf.astype(dtype).reshape(e_local, d, 2 * f), group_sizes,
                  backend=backend)

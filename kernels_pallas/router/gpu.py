@@ -347,7 +347,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def order_from_blocks(experts_tk, before_te):
-  """(stable expert order of the flat assignments, group sizes) from the kernel's block prefixes.
+  """(stable expert order of the flat assignments, its inverse, group sizes) from the kernel's
+  block prefixes.
 
   An assignment's place is its expert's offset, plus that expert's picks in earlier blocks (a
   cumsum over the [T / 64, E] block counts: the last token's prefix plus its own picks), plus
@@ -366,15 +367,16 @@ def order_from_blocks(experts_tk, before_te):
                      preferred_element_type=jnp.float32).astype(jnp.int32)
              + (jnp.cumsum(group_sizes_e) - group_sizes_e))
   block_t = jnp.arange(num_tokens, dtype=jnp.int32) // BLOCK
-  place_tk = (jnp.take_along_axis(before_te, experts_tk, axis=1).astype(jnp.int32)
-              + base_be.reshape(-1)[block_t[:, None] * num_experts + experts_tk])
-  return inverse_permutation(place_tk.reshape(-1)), group_sizes_e
+  slot_tk = jnp.arange(num_tokens, dtype=jnp.int32)[:, None] * num_experts + experts_tk
+  place_m = (jnp.take(before_te.reshape(-1), slot_tk).astype(jnp.int32)
+             + jnp.take(base_be.reshape(-1), block_t[:, None] * num_experts + experts_tk)).reshape(-1)
+  return inverse_permutation(place_m), place_m, group_sizes_e
 
 
 def route_gpu(x_td, w_gate_de, bias_e, spec: RouterSpec) -> Routing:
   """The fused kernel; then the expert order from its block prefixes in XLA."""
   weights_tk, mean_prob_e, z_loss, experts_tk, before_te = _fused(
       x_td, w_gate_de, bias_e if spec.scoring == "sigmoid" else None, spec)
-  sort_idx_m, group_sizes_e = order_from_blocks(experts_tk, before_te)
-  return Routing(weights_tk, experts_tk, sort_idx_m, group_sizes_e,
+  sort_idx_m, slot_pos_m, group_sizes_e = order_from_blocks(experts_tk, before_te)
+  return Routing(weights_tk, experts_tk, sort_idx_m, slot_pos_m, group_sizes_e,
                  group_sizes_e.astype(jnp.float32) / sort_idx_m.shape[0], mean_prob_e, z_loss)

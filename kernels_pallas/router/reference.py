@@ -24,6 +24,7 @@ class Routing(NamedTuple):
   weights_tk: jax.Array      # f32 combine weights of the selected experts
   experts_tk: jax.Array      # int32 expert ids, ordered by score (ties: lower id first)
   sort_idx_m: jax.Array      # int32 [T*k]: flat assignment ids (t*k+j) in expert order, stable
+  slot_pos_m: jax.Array      # int32 [T*k]: each assignment's place in that order (the inverse)
   group_sizes_e: jax.Array   # int32 [E]: assignments per expert
   expert_frac_e: jax.Array   # f32 [E]: fraction of assignments per expert (sums to 1)
   mean_prob_e: jax.Array     # f32 [E]: mean normalised router probability per expert
@@ -93,5 +94,6 @@ def route_from_logits(logits_te, bias_e: Optional[jax.Array], spec: RouterSpec) 
   expert_frac_e = group_sizes_e.astype(jnp.float32) / num_slots
   mean_prob_e = jnp.mean(probs_te, axis=0)
   z_loss = jnp.mean(jax.nn.logsumexp(logits_te, axis=-1) ** 2)
-  return Routing(weights_tk, experts_tk, sort_idx_m.astype(jnp.int32), group_sizes_e,
+  sort_idx_m = sort_idx_m.astype(jnp.int32)
+  return Routing(weights_tk, experts_tk, sort_idx_m, inverse_permutation(sort_idx_m), group_sizes_e,
                  expert_frac_e, mean_prob_e, z_loss)
