@@ -2,7 +2,8 @@
 
 Backends: "reference" (fp32 logits with HIGHEST precision: exact, slow on GPU), "split"
 (fp32-accurate logits from bf16 tensor-core matmuls, see split.py) and "gpu" (the fused
-Mosaic GPU kernel: logits and top-k in one read of x, see gpu.py). "auto" picks "gpu" on
+Mosaic GPU kernel: logits, top-k, the expert order's block prefixes and the statistics in one
+read of x, see gpu.py). "auto" picks "gpu" on
 Hopper where its tiling applies, else "split" on GPU and TPU, and "reference" on CPU.
 """
 from typing import Optional
