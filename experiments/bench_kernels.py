@@ -331,6 +331,7 @@ def router_variants(x, w, bias, spec, label):
   tilings = {"default": base, "1 stage fewer": dataclasses.replace(base, stages=base.stages - 1),
              "no lo product": dataclasses.replace(base, lo_product=False),
              "no top-k epilogue": dataclasses.replace(base, skip_select=True)}
+  tilings["1 stage more"] = dataclasses.replace(base, stages=base.stages + 1)
   w_hi, w_lo = split_bf16(w)
   fns = {name: jax.jit(lambda x, t=t: router_gpu.fused_router(x, w_hi, w_lo, bias, spec, tiling=t))
          for name, t in tilings.items()}

@@ -1,4 +1,5 @@
 """kernels_pallas.route: every backend against a numpy oracle and the reference's gradients."""
+import dataclasses
 import functools
 
 import jax
@@ -218,20 +219,25 @@ def test_fused_router_kernel_lowers_for_cuda_on_cpu(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("stages,dim", ((4, 512), (3, 128)))   # 128: 2 K steps a tile
 @pytest.mark.parametrize("spec_i", range(len(FUSED_SPECS)))
-def test_gpu_fused_router_kernel(spec_i):
+def test_gpu_fused_router_kernel(spec_i, stages, dim):
+  """Every CTA gets 2 or 3 tiles: the load ring and the logits hand-over wrap around."""
   if not _dispatch.is_hopper():
     pytest.skip("the Mosaic GPU router needs a Hopper GPU")
+  from kernels_pallas import _compat
   from kernels_pallas.router import gpu
   from kernels_pallas.router.split import split_bf16
   spec = FUSED_SPECS[spec_i]
-  x, w, bias = inputs(60 + spec_i, 1024, 512, 64, jnp.bfloat16, spec.scoring == "sigmoid")
+  tokens = 2 * gpu.BLOCK * (2 * _compat.num_sms() + 3)
+  x, w, bias = inputs(60 + spec_i, tokens, dim, 64, jnp.bfloat16, spec.scoring == "sigmoid")
   x = x.at[:3].set(0)   # all-equal rows: ties to the lower id
   w_hi, w_lo = split_bf16(w)
   want = gpu.fused_router_reference(x, w_hi, w_lo, bias, spec, with_logits=True)
   for with_logits in (True, False):
-    got = jax.jit(functools.partial(gpu.fused_router, spec=spec, with_logits=with_logits))(
-        x, w_hi, w_lo, bias)
+    tiling = dataclasses.replace(gpu.DEFAULT, stages=stages)
+    got = jax.jit(functools.partial(gpu.fused_router, spec=spec, with_logits=with_logits,
+                                    tiling=tiling))(x, w_hi, w_lo, bias)
     if with_logits:
       np.testing.assert_allclose(got.logits_te, want.logits_te, rtol=1e-5, atol=1e-5)
     else:

@@ -1,16 +1,21 @@
 """Fused router on Hopper in Mosaic GPU: logits, top-k, expert order and statistics in one read of x.
 
-One CTA = 2 compute warpgroups + 1 TMA warpgroup over a persistent grid of row tiles. Each
-warpgroup accumulates its 64-token block's logits with two bf16 wgmmas per step into one fp32
-accumulator, x @ w_hi + x @ w_lo (w_gate split as in split.py; bf16 x times a bf16 part is
-exact in fp32, so the sum is the fp32 logits to ~2^-16 relative). The epilogue, in registers:
-the scores, top-k on packed keys (`selection_keys`: one row max per pick gives value and id)
-and the renormalised weights. The block's pick matrix H [64 tokens, E] then goes through shared
-memory into one small wgmma, L @ H with L strictly lower triangular: for every token and expert,
-the picks of that expert by the block's earlier tokens, which XLA turns into the expert order
-with a cumsum over blocks and one scatter. The statistics accumulate per warpgroup in shared
-memory, element by element: Mosaic's cross-warp reductions share one scratch buffer between the
-two warpgroups (seen on the H100: both got one's sums), so the kernel never reduces over rows.
+One CTA = 4 warpgroups over a persistent grid of 128-row tiles, with a load ring written here
+(not emit_pipeline: its compute warpgroups must both consume every stage):
+- warpgroup 3 issues the TMA loads of x and w into a ring of `stages` slots;
+- warpgroups 0 and 1 each accumulate one 64-token block's logits with two bf16 wgmmas per step
+  into one fp32 accumulator, x @ w_hi + x @ w_lo (w_gate split as in split.py; bf16 x times a
+  bf16 part is exact in fp32, so the sum is the fp32 logits to ~2^-16 relative), then hand the
+  block to warpgroup 2 through shared memory and go on with the next tile;
+- warpgroup 2 runs each block's epilogue while the others keep the loads streaming: the scores,
+  top-k on packed keys (`selection_keys`: one row max per pick gives value and id), the
+  renormalised weights, and the block's pick matrix H [64 tokens, E] through one small wgmma,
+  L @ H with L strictly lower triangular: for every token and expert, the picks of that expert by
+  the block's earlier tokens, which XLA turns into the expert order with a cumsum over blocks and
+  one scatter. The statistics accumulate in shared memory element by element (the kernel never
+  reduces over rows: Mosaic's cross-warp reductions share one scratch buffer).
+Run in the K-loop warpgroups instead, the epilogue stopped the loads for its ~10k cycles per
+block (H100: kernel 0.221 ms against 0.205 now; the K loop alone is 0.188).
 """
 import dataclasses
 import functools
@@ -47,15 +52,17 @@ def key_expert(key):
 @dataclasses.dataclass(frozen=True)
 class Tiling:
   tile_k: int = 64     # contraction step (64 bf16 = one 128-byte swizzle row)
-  stages: int = 4      # TMA pipeline depth (5 fit, and ran 2% slower); one fewer when the
-                       # kernel also writes the logits
+  stages: int = 4      # TMA pipeline depth
+  mma_registers: int = 96        # per thread: the two MMA warpgroups hold one [64, E] accumulator
+  epilogue_registers: int = 232  # the epilogue warpgroup's top-k (TMA warpgroup: 40)
   lo_product: bool = True    # DEBUG ONLY when False (logits lose w's low bits): times the MMAs
-  skip_select: bool = False  # DEBUG ONLY (wrong picks): times the epilogue's top-k
+  skip_select: bool = False  # DEBUG ONLY (wrong picks): times the K loop without the epilogue
+  profile_space: int = 0   # DEBUG: Mosaic's in-kernel profiler, a range per named scope
+  profile_dir: str = ""    # ("main" per MMA block, "epilogue" per block)
 
 
-# E = 64 (A13B) only: the epilogue's [64, E] f32 arrays take 32 registers each, and the count
-# trick reads the block's counts off the diagonal of a [64, E] matrix. At E = 192 (Hy3) the
-# arrays spill past the register file (the top-k made that kernel 2.2x slower, 0.41 -> 0.89 ms).
+# E = 64 (A13B) only: the epilogue's [64, E] f32 arrays take 32 registers each. At E = 192 (Hy3)
+# the arrays spill past the register file (the top-k made that kernel 2.2x slower, 0.41 -> 0.89 ms).
 DEFAULT = Tiling()
 
 
@@ -102,6 +109,7 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
   cta_rows = 2 * rows
   num_tiles = num_tokens // cta_rows
   num_sms = _compat.num_sms()
+  k_steps, stages = dim // tk, t.stages
   sigmoid = spec.scoring == "sigmoid"
   has_bias = sigmoid and bias_e is not None
   bias_e = (bias_e if has_bias else jnp.zeros((num_experts,))).astype(jnp.float32)
@@ -114,15 +122,7 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
   per_row = lambda v, s=shape: lax.broadcast_in_dim(v, s, [0])   # ([:, None] does not lower)
   row_sum = lambda a: jnp.sum(a, axis=1)
   const = lambda v, dt, s=shape: plgpu.layout_cast(jnp.full(s, v, dt), wgmma)
-
-  def pipeline(body, ctx):
-    return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(dim // tk,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-        max_concurrent_steps=t.stages - with_logits, compute_context=ctx,
-        in_specs=[plgpu.BlockSpec((cta_rows, tk), lambda kk: (0, kk), transforms=x_tf),
-                  plgpu.BlockSpec((tk, 2 * num_experts), lambda kk: (kk, 0), transforms=w_tf)])
-
-  ignore = lambda *_, **__: None
+  EPI, TMA = 2, 3   # warpgroups 0 and 1 multiply, 2 runs the epilogue, 3 issues the loads
 
   def select(logits, bias_smem):
     """Top-k of one block's [rows, E] logits: ids and weights as [rows, k] arrays, the pick
@@ -171,95 +171,138 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
     experts_gmem, weights_gmem, before_gmem, probsum_gmem, lse_sq_gmem = outs[:5]
     logits_gmem = outs[5] if with_logits else None
     bf16_tf = _compat.swizzle_transforms(num_experts, jnp.bfloat16)
-    scratch = dict(
-        allocs=pipeline(ignore, ignore).get_allocations(x_gmem.at[pl.ds(0, cta_rows)], w_gmem),
-        h_smem=plgpu.SMEM((2, rows, num_experts), jnp.bfloat16, transforms=bf16_tf),
-        ids_smem=plgpu.SMEM((2, rows, top_k), jnp.int32),
-        w_smem=plgpu.SMEM((2, rows, top_k), jnp.float32),
-        ps_smem=plgpu.SMEM((2, rows, num_experts), jnp.float32, transforms=f32_tf),
-        lsq_smem=plgpu.SMEM((2, rows), jnp.float32),
-        b_smem=plgpu.SMEM((num_experts,), jnp.float32),
-        bar=plgpu.Barrier(num_arrivals=1))
-    if with_logits:
-      scratch["l_smem"] = plgpu.SMEM((2, rows, num_experts), jnp.float32, transforms=f32_tf)
 
-    @functools.partial(pl.run_scoped, collective_axes="wg", **scratch)
-    def _scope(allocs, h_smem, ids_smem, w_smem, ps_smem, lsq_smem, b_smem, bar, l_smem=None):
+    @functools.partial(
+        pl.run_scoped, collective_axes="wg",
+        x_ring=plgpu.SMEM((stages, cta_rows, tk), x_td.dtype, transforms=x_tf),
+        w_ring=plgpu.SMEM((stages, tk, 2 * num_experts), w_cat.dtype, transforms=w_tf),
+        full=plgpu.Barrier(num_arrivals=2, num_barriers=stages),    # x and w have landed
+        empty=plgpu.Barrier(num_arrivals=2, num_barriers=stages),   # both MMA warpgroups read
+        l_smem=plgpu.SMEM((2, rows, num_experts), jnp.float32, transforms=f32_tf),
+        l_full=plgpu.Barrier(num_arrivals=1, num_barriers=2),       # a block's logits written
+        l_free=plgpu.Barrier(num_arrivals=1, num_barriers=2),       # ... and read again
+        h_smem=plgpu.SMEM(shape, jnp.bfloat16, transforms=bf16_tf),
+        ids_smem=plgpu.SMEM(shape_k, jnp.int32), w_smem=plgpu.SMEM(shape_k, jnp.float32),
+        ps_smem=plgpu.SMEM(shape, jnp.float32, transforms=f32_tf),
+        lsq_smem=plgpu.SMEM((rows,), jnp.float32),
+        b_smem=plgpu.SMEM((num_experts,), jnp.float32), bar=plgpu.Barrier(num_arrivals=1))
+    def _scope(x_ring, w_ring, full, empty, l_smem, l_full, l_free, h_smem, ids_smem, w_smem,
+               ps_smem, lsq_smem, b_smem, bar):
       wg = lax.axis_index("wg")
       sm = lax.axis_index("sm")
-      if has_bias:
-        @pl.when(wg == 0)
-        def _load_bias():
+      block_rows = lambda tile, c: pl.ds(pl.multiple_of(tile * cta_rows + c * rows, rows), rows)
+
+      @pl.when(wg == TMA)
+      def _loads():
+        plgpu.set_max_registers(40, action="decrease")
+
+        @plgpu.nd_loop((num_tiles,), collective_axes="sm")
+        def _tiles(info):
+          tile = info.index[0]
+
+          @pl.loop(0, k_steps)
+          def _steps(kk):
+            step = info.local_index * k_steps + kk
+            slot = lax.rem(step, stages)
+
+            @pl.when(step >= stages)
+            def _reuse():
+              plgpu.barrier_wait(empty.at[slot])
+
+            plgpu.copy_gmem_to_smem(
+                x_gmem.at[pl.ds(tile * cta_rows, cta_rows), pl.ds(kk * tk, tk)],
+                x_ring.at[slot], full.at[slot])
+            plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(kk * tk, tk)], w_ring.at[slot],
+                                    full.at[slot])
+
+      @pl.when(wg < EPI)
+      def _multiply():
+        plgpu.set_max_registers(t.mma_registers, action="decrease")
+
+        @plgpu.nd_loop((num_tiles,), collective_axes="sm")
+        def _tiles(info):
+          tile = info.index[0]
+
+          def k_loop(acc_ref):
+            @pl.loop(0, k_steps)
+            def _steps(kk):
+              slot = lax.rem(info.local_index * k_steps + kk, stages)
+              plgpu.barrier_wait(full.at[slot])
+              a = x_ring.at[slot].at[pl.ds(pl.multiple_of(wg * rows, rows), rows)]
+              plgpu.wgmma(acc_ref, a, w_ring.at[slot].at[:, pl.ds(0, num_experts)])
+              if t.lo_product:
+                plgpu.wgmma(acc_ref, a, w_ring.at[slot].at[:, pl.ds(num_experts, num_experts)])
+              plgpu.wgmma_wait(0)
+              plgpu.barrier_arrive(empty.at[slot])
+            return acc_ref[...]
+
+          with jax.named_scope("main"):
+            logits = pl.run_scoped(k_loop, plgpu.ACC(shape, jnp.float32))
+
+          @pl.when(info.local_index > 0)
+          def _wait_free():   # the epilogue warpgroup has read the previous block
+            plgpu.barrier_wait(l_free.at[wg])
+
+          if with_logits:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          l_smem[wg] = logits
+          plgpu.commit_smem()
+          if with_logits:
+            plgpu.copy_smem_to_gmem(l_smem.at[wg], logits_gmem.at[block_rows(tile, wg)])
+          plgpu.barrier_arrive(l_full.at[wg])
+
+        if with_logits:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+      @pl.when(wg == EPI)
+      def _epilogue():
+        plgpu.set_max_registers(t.epilogue_registers, action="increase")
+        if has_bias:
           plgpu.copy_gmem_to_smem(bias_gmem, b_smem, bar)
-        plgpu.barrier_wait(bar)
-      compute = wg < 2   # warpgroup 2 issues the TMA loads inside the pipeline
+          plgpu.barrier_wait(bar)
+        ps_smem[...] = const(0.0, jnp.float32)
+        lsq_smem[...] = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), wgmma.reduce(1))
 
-      @pl.when(compute)
-      def _zero_stats():
-        ps_smem[wg] = const(0.0, jnp.float32)
-        lsq_smem[wg] = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), wgmma.reduce(1))
-
-      def epilogue(logits, my_rows):
-        ids, weights, hits, probs, lse = select(logits, b_smem)
-        ps_smem[wg] = plgpu.load(ps_smem.at[wg], (), layout=wgmma) + probs
-        lsq_smem[wg] = plgpu.load(lsq_smem.at[wg], (), layout=wgmma.reduce(1)) + lse * lse
-        ids_smem[wg] = ids
-        w_smem[wg] = weights
-        h_smem[wg] = jnp.where(hits, 1.0, 0.0).astype(jnp.bfloat16)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(ids_smem.at[wg], experts_gmem.at[my_rows])
-        plgpu.copy_smem_to_gmem(w_smem.at[wg], weights_gmem.at[my_rows])
-        row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma)
-        col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma)
-        lower = (row > col).astype(jnp.bfloat16)   # L[i, j] = 1 for j < i
-
-        def prefix(acc_ref):
-          plgpu.wgmma(acc_ref, lower, h_smem.at[wg])
-          plgpu.wgmma_wait(0)
-          return acc_ref[...]
-
-        before = pl.run_scoped(prefix, plgpu.ACC(shape, jnp.float32))
-        h_smem[wg] = before.astype(jnp.bfloat16)   # the wgmma has read H
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(h_smem.at[wg], before_gmem.at[my_rows])
-
-      @plgpu.nd_loop((num_tiles,), collective_axes="sm")
-      def _items(info):
-        row0 = info.index[0] * cta_rows
-        my_rows = pl.ds(pl.multiple_of(row0 + wg * rows, rows), rows)
-
-        def ctx(eval_pipeline):
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, jnp.float32))
-          def _acc(acc_ref):
-            eval_pipeline(acc_ref)
-            logits = acc_ref[...]
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last block's stores have read
-            if with_logits:
-              l_smem[wg] = logits
+        @plgpu.nd_loop((num_tiles,), collective_axes="sm")
+        def _tiles(info):
+          for c in range(2):
+            plgpu.barrier_wait(l_full.at[c])
+            logits = plgpu.load(l_smem.at[c], (), layout=wgmma)
+            plgpu.barrier_arrive(l_free.at[c])
+            if t.skip_select:
+              continue
+            my_rows = block_rows(info.index[0], c)
+            with jax.named_scope("epilogue"):
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # last block's stores have read
+              ids, weights, hits, probs, lse = select(logits, b_smem)
+              ps_smem[...] = plgpu.load(ps_smem, (), layout=wgmma) + probs
+              lsq_smem[...] = plgpu.load(lsq_smem, (), layout=wgmma.reduce(1)) + lse * lse
+              ids_smem[...] = ids
+              w_smem[...] = weights
+              h_smem[...] = jnp.where(hits, 1.0, 0.0).astype(jnp.bfloat16)
               plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(l_smem.at[wg], logits_gmem.at[my_rows])
-            if not t.skip_select:
-              epilogue(logits, my_rows)
+              plgpu.copy_smem_to_gmem(ids_smem, experts_gmem.at[my_rows])
+              plgpu.copy_smem_to_gmem(w_smem, weights_gmem.at[my_rows])
+              row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma)
+              col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma)
+              lower = (row > col).astype(jnp.bfloat16)   # L[i, j] = 1 for j < i
 
-        def mma(_, x_smem, w_smem_, acc_ref):
-          a = x_smem.at[pl.ds(pl.multiple_of(wg * rows, rows), rows)]
-          plgpu.wgmma(acc_ref, a, w_smem_.at[:, pl.ds(0, num_experts)])
-          if t.lo_product:
-            plgpu.wgmma(acc_ref, a, w_smem_.at[:, pl.ds(num_experts, num_experts)])
-          plgpu.wgmma_wait(0)
-          return acc_ref
+              def prefix(acc_ref):
+                plgpu.wgmma(acc_ref, lower, h_smem)
+                plgpu.wgmma_wait(0)
+                return acc_ref[...]
 
-        pipeline(mma, ctx)(x_gmem.at[pl.ds(row0, cta_rows)], w_gmem, allocations=allocs)
+              before = pl.run_scoped(prefix, plgpu.ACC(shape, jnp.float32))
+              h_smem[...] = before.astype(jnp.bfloat16)   # the wgmma has read H
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(h_smem, before_gmem.at[my_rows])
 
-      @pl.when(compute)
-      def _write_stats():
-        part = sm * 2 + wg   # this warpgroup's row of the partial statistics
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(ps_smem.at[wg], probsum_gmem.at[part])
-        plgpu.copy_smem_to_gmem(lsq_smem.at[wg], lse_sq_gmem.at[part])
+        plgpu.copy_smem_to_gmem(ps_smem, probsum_gmem.at[sm])
+        plgpu.copy_smem_to_gmem(lsq_smem, lse_sq_gmem.at[sm])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  parts = 2 * num_sms
+  parts = num_sms
   out_type = [jax.ShapeDtypeStruct((num_tokens, top_k), jnp.int32),
               jax.ShapeDtypeStruct((num_tokens, top_k), jnp.float32),
               jax.ShapeDtypeStruct((num_tokens, num_experts), jnp.bfloat16),
@@ -267,11 +310,12 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
               jax.ShapeDtypeStruct((parts, rows), jnp.float32)]
   if with_logits:
     out_type.append(jax.ShapeDtypeStruct((num_tokens, num_experts), jnp.float32))
+  trace = dict(profile_space=t.profile_space, profile_dir=t.profile_dir) if t.profile_space else {}
   kernel = _compat.mgpu_kernel(
       body, out_type=tuple(out_type), grid=(num_sms,), grid_names=("sm",),
-      num_threads=3, thread_name="wg",
+      num_threads=4, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup, **trace))
   outs = kernel(x_td, w_cat, bias_e)
   experts, weights, before, probsum, lse_sq = outs[:5]
   return KernelOut(experts, weights, before, probsum.reshape(parts * rows, num_experts),
