@@ -216,6 +216,48 @@ def test_fused_router_kernel_lowers_for_cuda_on_cpu(monkeypatch):
       text = jax.jit(fn).trace(bf(256, 128), bf(128, 64), bf(128, 64), bias).lower(
           lowering_platforms=("cuda",)).as_text()
       assert "mosaic_gpu" in text
+  text = jax.jit(functools.partial(gpu.block_bases, top_k=8)).trace(
+      bf(4096 * 2, 64), jax.ShapeDtypeStruct((2, 192, 64), jnp.float32)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+def _random_prefixes(seed, tokens, experts=64, top_k=8):
+  """Inputs of block_bases as the fused kernel writes them, from random distinct picks."""
+  from kernels_pallas.router import gpu
+  rng = np.random.default_rng(seed)
+  picks = np.argsort(rng.random((tokens, experts)) ** rng.uniform(0.2, 3, experts), axis=1)
+  experts_tk = np.sort(picks[:, :top_k], axis=1).astype(np.int32)
+  hits = np.zeros((tokens, experts), np.float32)
+  np.put_along_axis(hits, experts_tk, 1.0, axis=1)
+  upto = np.cumsum(hits.reshape(-1, gpu.BLOCK, experts), axis=1).reshape(tokens, experts)
+  stats = rng.standard_normal((2, 192, experts)).astype(np.float32)
+  return experts_tk, jnp.asarray(upto, jnp.bfloat16), jnp.asarray(stats)
+
+
+def test_block_bases_reference_gives_the_stable_order():
+  from kernels_pallas.router import gpu
+  experts_tk, upto, stats = _random_prefixes(7, 1024)
+  base, sizes, sums = gpu.block_bases_reference(upto, stats, 8)
+  sort_idx, place = gpu.order_from_blocks(jnp.asarray(experts_tk), upto, base)
+  flat = experts_tk.reshape(-1)
+  np.testing.assert_array_equal(np.asarray(sort_idx), np.argsort(flat, kind="stable"))
+  np.testing.assert_array_equal(np.asarray(sizes), np.bincount(flat, minlength=64))
+  np.testing.assert_allclose(sums[1], np.asarray(stats)[0].sum(0) / 1024, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", (4096, 4096 * 3, 65536))
+def test_gpu_block_bases_kernel(tokens):
+  if not _dispatch.is_hopper():
+    pytest.skip("the Mosaic GPU kernel needs a Hopper GPU")
+  from kernels_pallas.router import gpu
+  _, upto, stats = _random_prefixes(tokens, tokens)
+  got = jax.jit(functools.partial(gpu.block_bases, top_k=8))(upto, stats)
+  want = gpu.block_bases_reference(upto, stats, 8)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+  np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.gpu
@@ -251,10 +293,13 @@ def test_gpu_fused_router_kernel(spec_i, stages, dim):
     blocks = rows.reshape(-1, gpu.BLOCK).all(axis=1)   # blocks with identical picks: exact prefixes
     assert blocks.mean() > 0.5, blocks
     np.testing.assert_array_equal(
-        np.asarray(got.before_te, np.float32).reshape(-1, gpu.BLOCK, 64)[blocks],
-        np.asarray(want.before_te, np.float32).reshape(-1, gpu.BLOCK, 64)[blocks])
-    np.testing.assert_allclose(np.sum(np.asarray(got.probsum_pe), 0), want.probsum_pe[0], rtol=1e-5)
-    np.testing.assert_allclose(np.sum(np.asarray(got.lse_sq_p)), want.lse_sq_p[0], rtol=1e-5)
+        np.asarray(got.upto_te, np.float32).reshape(-1, gpu.BLOCK, 64)[blocks],
+        np.asarray(want.upto_te, np.float32).reshape(-1, gpu.BLOCK, 64)[blocks])
+    got_st, want_st = np.asarray(got.stats_spe), np.asarray(want.stats_spe)
+    assert got_st.shape[1] % gpu.BLOCK == 0 and got_st.shape[1] >= _compat.num_sms()
+    np.testing.assert_array_equal(got_st[:, _compat.num_sms():], 0.0)   # the padding rows
+    np.testing.assert_allclose(got_st[0].sum(0), want_st[0].sum(0), rtol=1e-5)
+    np.testing.assert_allclose(got_st[1].sum(), want_st[1].sum(), rtol=1e-5)
   r = kp.route(x, w, bias, spec, backend="gpu")
   o = oracle(x, w, bias, spec)
   assert np.mean(np.asarray(r.experts_tk) == o["experts"]) > 0.999

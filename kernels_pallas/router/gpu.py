@@ -10,10 +10,12 @@ One CTA = 4 warpgroups over a persistent grid of 128-row tiles, with a load ring
 - warpgroup 2 runs each block's epilogue while the others keep the loads streaming: the scores,
   top-k on packed keys (`selection_keys`: one row max per pick gives value and id), the
   renormalised weights, and the block's pick matrix H [64 tokens, E] through one small wgmma,
-  L @ H with L strictly lower triangular: for every token and expert, the picks of that expert by
-  the block's earlier tokens, which XLA turns into the expert order with a cumsum over blocks and
-  one scatter. The statistics accumulate in shared memory element by element (the kernel never
-  reduces over rows: Mosaic's cross-warp reductions share one scratch buffer).
+  L @ H with L lower triangular: for every token and expert, the picks of that expert by the
+  block's tokens up to this one (the last row is the block's counts). A second small kernel,
+  `block_bases`, turns the counts into each block's place per expert and sums the statistics;
+  XLA gathers and one scatter finish the expert order (8 kernels a call, 16 before). The statistics
+  accumulate in shared memory element by element and are summed over rows once, at the end (the
+  only warpgroup that reduces across warps, so Mosaic's reduction scratch is its own).
 Run in the K-loop warpgroups instead, the epilogue stopped the loads for its ~10k cycles per
 block (H100: kernel 0.221 ms against 0.205 now; the K loop alone is 0.188).
 """
@@ -69,10 +71,11 @@ DEFAULT = Tiling()
 class KernelOut(NamedTuple):
   experts_tk: jax.Array     # int32 [T, k]: picks by score, ties to the lower id
   weights_tk: jax.Array     # f32 [T, k]: renormalised, scaled combine weights
-  before_te: jax.Array      # bf16 [T, E] (exact: <= 63): picks of expert e by the earlier
-                            # tokens of t's 64-token block
-  probsum_pe: jax.Array     # f32 [P, E]: partial sums over tokens of the normalised probabilities
-  lse_sq_p: jax.Array       # f32 [P]: partial sums over tokens of logsumexp(logits)^2
+  upto_te: jax.Array        # bf16 [T, E] (exact: <= 64): picks of expert e by the tokens of t's
+                            # 64-token block up to t, t included
+  stats_spe: jax.Array      # f32 [2, P, E]: per CTA, [0] the normalised probabilities summed
+                            # over its tokens, [1] logsumexp(logits)^2 summed per row slot;
+                            # P = the CTAs rounded up to 64, the extra rows zero
   logits_te: Optional[jax.Array]   # f32 [T, E] when asked for (the backward's residual)
 
 
@@ -110,12 +113,11 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
   num_tiles = num_tokens // cta_rows
   num_sms = _compat.num_sms()
   k_steps, stages = dim // tk, t.stages
+  parts = -(-num_sms // rows) * rows   # statistics rows: whole 64-row tiles for block_bases
   sigmoid = spec.scoring == "sigmoid"
-  has_bias = sigmoid and bias_e is not None
-  bias_e = (bias_e if has_bias else jnp.zeros((num_experts,))).astype(jnp.float32)
+  has_bias = sigmoid and bias_e is not None   # else no operand: a zero bias would be a kernel
   x_tf = _compat.swizzle_transforms(tk, x_td.dtype)
-  w_cat = jnp.concatenate([w_hi_de, w_lo_de], axis=1)   # one operand: one TMA descriptor
-  w_tf = _compat.swizzle_transforms(2 * num_experts, w_cat.dtype)
+  w_tf = _compat.swizzle_transforms(num_experts, w_hi_de.dtype)
   f32_tf = _compat.swizzle_transforms(num_experts, jnp.float32)
   shape, shape_k = (rows, num_experts), (rows, top_k)
   wgmma = plgpu.Layout.WGMMA
@@ -167,16 +169,17 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
       weights = jnp.where(col_k == j, per_row(w_j, shape_k), weights)
     return ids, weights, key == taken, probs, lse
 
-  def body(x_gmem, w_gmem, bias_gmem, *outs):
-    experts_gmem, weights_gmem, before_gmem, probsum_gmem, lse_sq_gmem = outs[:5]
-    logits_gmem = outs[5] if with_logits else None
+  def body(x_gmem, w_hi_gmem, w_lo_gmem, *refs):
+    bias_gmem, refs = (refs[0], refs[1:]) if has_bias else (None, refs)
+    experts_gmem, weights_gmem, upto_gmem, stats_gmem = refs[:4]
+    logits_gmem = refs[4] if with_logits else None
     bf16_tf = _compat.swizzle_transforms(num_experts, jnp.bfloat16)
 
     @functools.partial(
         pl.run_scoped, collective_axes="wg",
         x_ring=plgpu.SMEM((stages, cta_rows, tk), x_td.dtype, transforms=x_tf),
-        w_ring=plgpu.SMEM((stages, tk, 2 * num_experts), w_cat.dtype, transforms=w_tf),
-        full=plgpu.Barrier(num_arrivals=2, num_barriers=stages),    # x and w have landed
+        w_ring=plgpu.SMEM((stages, 2, tk, num_experts), w_hi_de.dtype, transforms=w_tf),
+        full=plgpu.Barrier(num_arrivals=3, num_barriers=stages),    # x, w_hi, w_lo have landed
         empty=plgpu.Barrier(num_arrivals=2, num_barriers=stages),   # both MMA warpgroups read
         l_smem=plgpu.SMEM((2, rows, num_experts), jnp.float32, transforms=f32_tf),
         l_full=plgpu.Barrier(num_arrivals=1, num_barriers=2),       # a block's logits written
@@ -184,10 +187,10 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
         h_smem=plgpu.SMEM(shape, jnp.bfloat16, transforms=bf16_tf),
         ids_smem=plgpu.SMEM(shape_k, jnp.int32), w_smem=plgpu.SMEM(shape_k, jnp.float32),
         ps_smem=plgpu.SMEM(shape, jnp.float32, transforms=f32_tf),
-        lsq_smem=plgpu.SMEM((rows,), jnp.float32),
+        lsq_smem=plgpu.SMEM((rows,), jnp.float32), st_smem=plgpu.SMEM((3, rows), jnp.float32),
         b_smem=plgpu.SMEM((num_experts,), jnp.float32), bar=plgpu.Barrier(num_arrivals=1))
     def _scope(x_ring, w_ring, full, empty, l_smem, l_full, l_free, h_smem, ids_smem, w_smem,
-               ps_smem, lsq_smem, b_smem, bar):
+               ps_smem, lsq_smem, st_smem, b_smem, bar):
       wg = lax.axis_index("wg")
       sm = lax.axis_index("sm")
       block_rows = lambda tile, c: pl.ds(pl.multiple_of(tile * cta_rows + c * rows, rows), rows)
@@ -212,8 +215,9 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
             plgpu.copy_gmem_to_smem(
                 x_gmem.at[pl.ds(tile * cta_rows, cta_rows), pl.ds(kk * tk, tk)],
                 x_ring.at[slot], full.at[slot])
-            plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(kk * tk, tk)], w_ring.at[slot],
-                                    full.at[slot])
+            for half, w_gmem in enumerate((w_hi_gmem, w_lo_gmem)):
+              plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(kk * tk, tk)], w_ring.at[slot, half],
+                                      full.at[slot])
 
       @pl.when(wg < EPI)
       def _multiply():
@@ -229,9 +233,9 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
               slot = lax.rem(info.local_index * k_steps + kk, stages)
               plgpu.barrier_wait(full.at[slot])
               a = x_ring.at[slot].at[pl.ds(pl.multiple_of(wg * rows, rows), rows)]
-              plgpu.wgmma(acc_ref, a, w_ring.at[slot].at[:, pl.ds(0, num_experts)])
+              plgpu.wgmma(acc_ref, a, w_ring.at[slot, 0])
               if t.lo_product:
-                plgpu.wgmma(acc_ref, a, w_ring.at[slot].at[:, pl.ds(num_experts, num_experts)])
+                plgpu.wgmma(acc_ref, a, w_ring.at[slot, 1])
               plgpu.wgmma_wait(0)
               plgpu.barrier_arrive(empty.at[slot])
             return acc_ref[...]
@@ -285,29 +289,36 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
               plgpu.copy_smem_to_gmem(w_smem, weights_gmem.at[my_rows])
               row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma)
               col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma)
-              lower = (row > col).astype(jnp.bfloat16)   # L[i, j] = 1 for j < i
+              lower = (row >= col).astype(jnp.bfloat16)   # L[i, j] = 1 for j <= i
 
               def prefix(acc_ref):
                 plgpu.wgmma(acc_ref, lower, h_smem)
                 plgpu.wgmma_wait(0)
                 return acc_ref[...]
 
-              before = pl.run_scoped(prefix, plgpu.ACC(shape, jnp.float32))
-              h_smem[...] = before.astype(jnp.bfloat16)   # the wgmma has read H
+              upto = pl.run_scoped(prefix, plgpu.ACC(shape, jnp.float32))
+              h_smem[...] = upto.astype(jnp.bfloat16)   # the wgmma has read H
               plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(h_smem, before_gmem.at[my_rows])
+              plgpu.copy_smem_to_gmem(h_smem, upto_gmem.at[my_rows])
 
+        # this CTA's partials: the probabilities summed over rows here, lse^2 per row; the
+        # first CTAs also zero the padding rows (P - num_sms < 64 <= num_sms)
+        st_smem[0] = jnp.sum(plgpu.load(ps_smem, (), layout=wgmma), axis=0)
+        st_smem[1] = plgpu.load(lsq_smem, (), layout=wgmma.reduce(1))
+        st_smem[2] = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), wgmma.reduce(1))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(ps_smem, probsum_gmem.at[sm])
-        plgpu.copy_smem_to_gmem(lsq_smem, lse_sq_gmem.at[sm])
+        for i in range(2):
+          plgpu.copy_smem_to_gmem(st_smem.at[i], stats_gmem.at[i, sm])
+
+          @pl.when(sm + num_sms < parts)
+          def _pad():
+            plgpu.copy_smem_to_gmem(st_smem.at[2], stats_gmem.at[i, sm + num_sms])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  parts = num_sms
   out_type = [jax.ShapeDtypeStruct((num_tokens, top_k), jnp.int32),
               jax.ShapeDtypeStruct((num_tokens, top_k), jnp.float32),
               jax.ShapeDtypeStruct((num_tokens, num_experts), jnp.bfloat16),
-              jax.ShapeDtypeStruct((parts, rows, num_experts), jnp.float32),
-              jax.ShapeDtypeStruct((parts, rows), jnp.float32)]
+              jax.ShapeDtypeStruct((2, parts, rows), jnp.float32)]   # rows == E
   if with_logits:
     out_type.append(jax.ShapeDtypeStruct((num_tokens, num_experts), jnp.float32))
   trace = dict(profile_space=t.profile_space, profile_dir=t.profile_dir) if t.profile_space else {}
@@ -316,10 +327,10 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
       num_threads=4, thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup, **trace))
-  outs = kernel(x_td, w_cat, bias_e)
-  experts, weights, before, probsum, lse_sq = outs[:5]
-  return KernelOut(experts, weights, before, probsum.reshape(parts * rows, num_experts),
-                   lse_sq.reshape(-1), outs[5] if with_logits else None)
+  bias = (bias_e.astype(jnp.float32),) if has_bias else ()
+  outs = kernel(x_td, w_hi_de, w_lo_de, *bias)
+  experts, weights, upto, stats = outs[:4]
+  return KernelOut(experts, weights, upto, stats, outs[4] if with_logits else None)
 
 
 def weights_from_logits(logits_te, experts_tk, spec: RouterSpec):
@@ -330,7 +341,7 @@ def weights_from_logits(logits_te, experts_tk, spec: RouterSpec):
 def fused_router_reference(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *,
                            with_logits=False, tiling=None) -> KernelOut:
   """The kernel's contract in jnp (CPU tests of the code around it, GPU tests of the kernel).
-  Its statistics come as one partial (the kernel's partials are per warpgroup)."""
+  Its statistics come as one partial row (the kernel's are per CTA)."""
   del tiling
   num_tokens, num_experts = x_td.shape[0], w_hi_de.shape[1]
   logits_te = (jnp.dot(x_td, w_hi_de, preferred_element_type=jnp.float32)
@@ -344,11 +355,13 @@ def fused_router_reference(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *,
   weights_tk = weights_from_logits(logits_te, experts_tk, spec)
   picked_bte = (experts_tk[:, :, None] == jnp.arange(num_experts)).any(1).reshape(
       -1, BLOCK, num_experts).astype(jnp.float32)
-  before_te = (jnp.cumsum(picked_bte, axis=1) - picked_bte).reshape(num_tokens, num_experts)
+  upto_te = jnp.cumsum(picked_bte, axis=1).reshape(num_tokens, num_experts)
   lse_t = jax.nn.logsumexp(logits_te, axis=-1)
-  return KernelOut(experts_tk, weights_tk, before_te.astype(jnp.bfloat16),
-                   jnp.sum(scores_and_probs(logits_te, spec)[1], axis=0, keepdims=True),
-                   jnp.sum(lse_t ** 2, keepdims=True), logits_te if with_logits else None)
+  sums_2e = jnp.stack([jnp.sum(scores_and_probs(logits_te, spec)[1], axis=0),
+                       jnp.full((num_experts,), jnp.sum(lse_t ** 2) / num_experts)])
+  stats_spe = jnp.zeros((2, BLOCK, num_experts), jnp.float32).at[:, 0].set(sums_2e)
+  return KernelOut(experts_tk, weights_tk, upto_te.astype(jnp.bfloat16), stats_spe,
+                   logits_te if with_logits else None)
 
 
 def _kernel(x_td, w_gate_de, bias_e, spec, with_logits):
@@ -357,20 +370,20 @@ def _kernel(x_td, w_gate_de, bias_e, spec, with_logits):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(x_td, w_gate_de, bias_e, spec):
-  """(weights, mean probability per expert, z-loss, experts, block prefix counts): the kernel
-  plus its statistics' last sums. Without a gradient the kernel skips writing the logits."""
-  return _with_stats(_kernel(x_td, w_gate_de, bias_e, spec, False))
+  """(weights, mean probability per expert, z-loss, experts, block prefixes, block bases, group
+  sizes, expert fractions): the two kernels. Without a gradient the first skips the logits."""
+  return _with_totals(_kernel(x_td, w_gate_de, bias_e, spec, False))
 
 
-def _with_stats(out: KernelOut):
-  num_tokens = out.experts_tk.shape[0]
-  return (out.weights_tk, jnp.sum(out.probsum_pe, axis=0) / num_tokens,
-          jnp.sum(out.lse_sq_p) / num_tokens, out.experts_tk, out.before_te)
+def _with_totals(out: KernelOut):
+  base_be, sizes_e, sums_3e = block_bases(out.upto_te, out.stats_spe, out.experts_tk.shape[1])
+  return (out.weights_tk, sums_3e[1], jnp.sum(sums_3e[2]), out.experts_tk, out.upto_te, base_be,
+          sizes_e, sums_3e[0])
 
 
 def _fused_fwd(x_td, w_gate_de, bias_e, spec):
   out = _kernel(x_td, w_gate_de, bias_e, spec, True)
-  return _with_stats(out), (x_td, w_gate_de, bias_e, out.logits_te, out.experts_tk)
+  return _with_totals(out), (x_td, w_gate_de, bias_e, out.logits_te, out.experts_tk)
 
 
 def _fused_bwd(spec, res, ct):
@@ -390,37 +403,145 @@ def _fused_bwd(spec, res, ct):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def order_from_blocks(experts_tk, before_te):
-  """(stable expert order of the flat assignments, its inverse, group sizes) from the kernel's
-  block prefixes.
+def block_bases_reference(upto_te, stats_spe, top_k):
+  """block_bases' contract in jnp (CPU, and T not a multiple of 64 * 64)."""
+  num_tokens, num_experts = upto_te.shape
+  counts_be = upto_te[BLOCK - 1::BLOCK].astype(jnp.int32)
+  sizes_e = jnp.sum(counts_be, axis=0)
+  base_be = (jnp.cumsum(counts_be, axis=0) - counts_be) + (jnp.cumsum(sizes_e) - sizes_e) - 1
+  sums_3e = jnp.concatenate([(sizes_e / (num_tokens * top_k))[None],
+                             jnp.sum(stats_spe, axis=1) / num_tokens])
+  return base_be.astype(jnp.int32), sizes_e, sums_3e
 
-  An assignment's place is its expert's offset, plus that expert's picks in earlier blocks (a
-  cumsum over the [T / 64, E] block counts: the last token's prefix plus its own picks), plus
-  the picks by earlier tokens of its block; one scatter inverts the places.
+
+def block_bases(upto_te, stats_spe, top_k):
+  """The order's block bases and the totals, in one small kernel of T / 4096 CTAs.
+
+  Returns base_be int32 [T / 64, E] (expert e's offset plus its picks in the blocks before b,
+  minus one: an assignment's place is this plus its inclusive block prefix), the group sizes
+  int32 [E] and sums_3e f32 [3, E]: the expert fractions, the mean probabilities and
+  logsumexp^2 / T per row slot (the z-loss is their sum).
+
+  CTA i owns 64 blocks. Its loop reads every block's counts C (the prefixes' last rows) and
+  accumulates three wgmmas per 64 blocks: earlier @ C (earlier[r, j] = 1 when block j comes
+  before block r of its own), C @ U< and C @ U<= (U triangular over experts: the expert offsets
+  and ends, after a sum over rows). bf16 0/1 and counts <= 64 are exact, and so are the f32
+  sums (< 2^24). It replaces 10 XLA kernels. (Summing C elementwise instead of the two
+  C @ U products measured slower: 9.1 against 8.2 us alone, H100.)
   """
-  num_tokens, num_experts = before_te.shape
-  last_bte = before_te[BLOCK - 1::BLOCK].astype(jnp.int32)
-  last_picks = experts_tk[BLOCK - 1::BLOCK, :, None] == jnp.arange(num_experts, dtype=jnp.int32)
-  counts_be = last_bte + jnp.sum(last_picks, axis=1, dtype=jnp.int32)
-  group_sizes_e = jnp.sum(counts_be, axis=0)
-  # exclusive cumsum over blocks as one matmul: XLA's GPU cumsum is a reduce_window, O(blocks^2)
-  # (0.03 ms here); bf16 holds the counts (<= 64) exactly and f32 accumulates them exactly
-  num_blocks = counts_be.shape[0]
-  earlier_bb = jnp.tri(num_blocks, k=-1, dtype=jnp.bfloat16)
-  base_be = (jnp.dot(earlier_bb, counts_be.astype(jnp.bfloat16),
-                     preferred_element_type=jnp.float32).astype(jnp.int32)
-             + (jnp.cumsum(group_sizes_e) - group_sizes_e))
-  block_t = jnp.arange(num_tokens, dtype=jnp.int32) // BLOCK
+  num_tokens, num_experts = upto_te.shape
+  num_blocks = num_tokens // BLOCK
+  parts = stats_spe.shape[1]
+  if num_blocks % BLOCK or num_experts != BLOCK or parts % BLOCK:
+    return block_bases_reference(upto_te, stats_spe, top_k)
+  pl, plgpu = _compat.mgpu()
+  chunks = num_blocks // BLOCK
+  ring = min(chunks, 8)
+  shape = (BLOCK, num_experts)
+  wgmma = plgpu.Layout.WGMMA
+  bf16_tf = _compat.swizzle_transforms(num_experts, jnp.bfloat16)
+  f32_tf = _compat.swizzle_transforms(num_experts, jnp.float32)
+  last_row = pl.ds((BLOCK - 1) * num_experts, num_experts)   # of a block in upto [B, 64 * E]
+
+  def bases(upto_gmem, stats_gmem, base_gmem, sizes_gmem, sums_gmem):
+    i = lax.axis_index("chunk")
+
+    @functools.partial(
+        pl.run_scoped,
+        c_ring=plgpu.SMEM((ring, BLOCK, num_experts), jnp.bfloat16, transforms=bf16_tf),
+        loaded=plgpu.Barrier(num_arrivals=1, num_barriers=ring),
+        u_smem=plgpu.SMEM((2, num_experts, num_experts), jnp.bfloat16, transforms=bf16_tf),
+        o_smem=plgpu.SMEM(shape, jnp.int32),
+        st_smem=plgpu.SMEM((2, parts, num_experts), jnp.float32, transforms=f32_tf),
+        st_loaded=plgpu.Barrier(num_arrivals=1),
+        sizes_smem=plgpu.SMEM((num_experts,), jnp.int32),
+        sums_smem=plgpu.SMEM((3, num_experts), jnp.float32))
+    def _scope(c_ring, loaded, u_smem, o_smem, st_smem, st_loaded, sizes_smem, sums_smem):
+      def load(c, slot):
+        plgpu.copy_gmem_to_smem(upto_gmem.at[pl.ds(c * BLOCK, BLOCK), last_row],
+                                c_ring.at[slot], loaded.at[slot])
+
+      for c in range(ring):
+        load(c, c)
+
+      @pl.when(i == 0)
+      def _load_stats():
+        plgpu.copy_gmem_to_smem(stats_gmem, st_smem, st_loaded)
+
+      row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma)
+      col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma)
+      u_smem[0] = (row < col).astype(jnp.bfloat16)
+      u_smem[1] = (row <= col).astype(jnp.bfloat16)
+      plgpu.commit_smem()
+
+      def accumulate(before_ref, excl_ref, incl_ref):
+        @pl.loop(0, chunks)
+        def _chunks(c):
+          slot = lax.rem(c, ring)
+          plgpu.barrier_wait(loaded.at[slot])
+          earlier = (col - row < (i - c) * BLOCK).astype(jnp.bfloat16)
+          plgpu.wgmma(before_ref, earlier, c_ring.at[slot])
+          plgpu.wgmma(excl_ref, c_ring.at[slot], u_smem.at[0])
+          plgpu.wgmma(incl_ref, c_ring.at[slot], u_smem.at[1])
+          plgpu.wgmma_wait(0)
+
+          @pl.when(c + ring < chunks)
+          def _refill():
+            load(c + ring, slot)
+
+        return before_ref[...], excl_ref[...], incl_ref[...]
+
+      acc = plgpu.ACC(shape, jnp.float32)
+      before, excl, incl = pl.run_scoped(accumulate, acc, acc, acc)
+      offsets = jnp.sum(excl, axis=0)
+      sizes = jnp.sum(incl, axis=0) - offsets
+      o_smem[...] = (before + lax.broadcast_in_dim(offsets - 1.0, shape, [1])).astype(jnp.int32)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, base_gmem.at[pl.ds(i * BLOCK, BLOCK)])
+
+      @pl.when(i == 0)
+      def _totals():
+        plgpu.barrier_wait(st_loaded)
+        zero = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), wgmma)
+        sums = [zero, zero]
+        for s_ in range(2):
+          for p in range(parts // BLOCK):
+            sums[s_] = sums[s_] + plgpu.load(st_smem.at[s_, pl.ds(p * BLOCK, BLOCK)], (),
+                                             layout=wgmma)
+        sums_smem[0] = sizes * (1.0 / (num_tokens * top_k))
+        sums_smem[1] = jnp.sum(sums[0], axis=0) * (1.0 / num_tokens)
+        sums_smem[2] = jnp.sum(sums[1], axis=0) * (1.0 / num_tokens)
+        sizes_smem[...] = sizes.astype(jnp.int32)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(sums_smem, sums_gmem)
+        plgpu.copy_smem_to_gmem(sizes_smem, sizes_gmem)
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  kernel = _compat.mgpu_kernel(
+      bases, grid=(chunks,), grid_names=("chunk",),
+      out_type=(jax.ShapeDtypeStruct((num_blocks, num_experts), jnp.int32),
+                jax.ShapeDtypeStruct((num_experts,), jnp.int32),
+                jax.ShapeDtypeStruct((3, num_experts), jnp.float32)),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return kernel(upto_te.reshape(num_blocks, BLOCK * num_experts), stats_spe)
+
+
+def order_from_blocks(experts_tk, upto_te, base_be):
+  """(stable expert order of the flat assignments, its inverse): an assignment's place is its
+  block's base for its expert plus its inclusive block prefix; one scatter inverts the places."""
+  num_tokens, num_experts = upto_te.shape
   slot_tk = jnp.arange(num_tokens, dtype=jnp.int32)[:, None] * num_experts + experts_tk
-  place_m = (jnp.take(before_te.reshape(-1), slot_tk).astype(jnp.int32)
-             + jnp.take(base_be.reshape(-1), block_t[:, None] * num_experts + experts_tk)).reshape(-1)
-  return inverse_permutation(place_m), place_m, group_sizes_e
+  block_tk = (jnp.arange(num_tokens, dtype=jnp.int32) // BLOCK)[:, None] * num_experts + experts_tk
+  place_m = (jnp.take(upto_te.reshape(-1), slot_tk).astype(jnp.int32)
+             + jnp.take(base_be.reshape(-1), block_tk)).reshape(-1)
+  return inverse_permutation(place_m), place_m
 
 
 def route_gpu(x_td, w_gate_de, bias_e, spec: RouterSpec) -> Routing:
-  """The fused kernel; then the expert order from its block prefixes in XLA."""
-  weights_tk, mean_prob_e, z_loss, experts_tk, before_te = _fused(
+  """The fused kernel and block_bases; then the expert order in two XLA kernels."""
+  weights_tk, mean_prob_e, z_loss, experts_tk, upto_te, base_be, sizes_e, frac_e = _fused(
       x_td, w_gate_de, bias_e if spec.scoring == "sigmoid" else None, spec)
-  sort_idx_m, slot_pos_m, group_sizes_e = order_from_blocks(experts_tk, before_te)
-  return Routing(weights_tk, experts_tk, sort_idx_m, slot_pos_m, group_sizes_e,
-                 group_sizes_e.astype(jnp.float32) / sort_idx_m.shape[0], mean_prob_e, z_loss)
+  sort_idx_m, slot_pos_m = order_from_blocks(experts_tk, upto_te, base_be)
+  return Routing(weights_tk, experts_tk, sort_idx_m, slot_pos_m, sizes_e, frac_e, mean_prob_e,
+                 z_loss)
