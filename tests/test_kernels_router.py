@@ -206,7 +206,7 @@ def test_selection_keys_order_like_the_values_ties_to_the_lower_id():
 def test_fused_router_kernel_lowers_for_cuda_on_cpu(monkeypatch):
   """The Mosaic GPU router lowers to CUDA here, without a GPU (catches lowering errors)."""
   from kernels_pallas import _compat
-  from kernels_pallas.router import gpu
+  from kernels_pallas.router import gpu, order_gpu
   monkeypatch.setattr(_compat, "num_sms", lambda: 132)
   bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
   for spec in FUSED_SPECS:
@@ -216,7 +216,7 @@ def test_fused_router_kernel_lowers_for_cuda_on_cpu(monkeypatch):
       text = jax.jit(fn).trace(bf(256, 128), bf(128, 64), bf(128, 64), bias).lower(
           lowering_platforms=("cuda",)).as_text()
       assert "mosaic_gpu" in text
-  text = jax.jit(functools.partial(gpu.block_bases, top_k=8)).trace(
+  text = jax.jit(functools.partial(order_gpu.block_bases, top_k=8)).trace(
       bf(4096 * 2, 64), jax.ShapeDtypeStruct((2, 192, 64), jnp.float32)).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
@@ -224,22 +224,22 @@ def test_fused_router_kernel_lowers_for_cuda_on_cpu(monkeypatch):
 
 def _random_prefixes(seed, tokens, experts=64, top_k=8):
   """Inputs of block_bases as the fused kernel writes them, from random distinct picks."""
-  from kernels_pallas.router import gpu
+  from kernels_pallas.router import order_gpu
   rng = np.random.default_rng(seed)
   picks = np.argsort(rng.random((tokens, experts)) ** rng.uniform(0.2, 3, experts), axis=1)
   experts_tk = np.sort(picks[:, :top_k], axis=1).astype(np.int32)
   hits = np.zeros((tokens, experts), np.float32)
   np.put_along_axis(hits, experts_tk, 1.0, axis=1)
-  upto = np.cumsum(hits.reshape(-1, gpu.BLOCK, experts), axis=1).reshape(tokens, experts)
+  upto = np.cumsum(hits.reshape(-1, order_gpu.BLOCK, experts), axis=1).reshape(tokens, experts)
   stats = rng.standard_normal((2, 192, experts)).astype(np.float32)
   return experts_tk, jnp.asarray(upto, jnp.bfloat16), jnp.asarray(stats)
 
 
 def test_block_bases_reference_gives_the_stable_order():
-  from kernels_pallas.router import gpu
+  from kernels_pallas.router import order_gpu
   experts_tk, upto, stats = _random_prefixes(7, 1024)
-  base, sizes, sums = gpu.block_bases_reference(upto, stats, 8)
-  sort_idx, place = gpu.order_from_blocks(jnp.asarray(experts_tk), upto, base)
+  base, sizes, sums = order_gpu.block_bases_reference(upto, stats, 8)
+  sort_idx, place = order_gpu.order_from_blocks(jnp.asarray(experts_tk), upto, base)
   flat = experts_tk.reshape(-1)
   np.testing.assert_array_equal(np.asarray(sort_idx), np.argsort(flat, kind="stable"))
   np.testing.assert_array_equal(np.asarray(sizes), np.bincount(flat, minlength=64))
@@ -251,10 +251,10 @@ def test_block_bases_reference_gives_the_stable_order():
 def test_gpu_block_bases_kernel(tokens):
   if not _dispatch.is_hopper():
     pytest.skip("the Mosaic GPU kernel needs a Hopper GPU")
-  from kernels_pallas.router import gpu
+  from kernels_pallas.router import order_gpu
   _, upto, stats = _random_prefixes(tokens, tokens)
-  got = jax.jit(functools.partial(gpu.block_bases, top_k=8))(upto, stats)
-  want = gpu.block_bases_reference(upto, stats, 8)
+  got = jax.jit(functools.partial(order_gpu.block_bases, top_k=8))(upto, stats)
+  want = order_gpu.block_bases_reference(upto, stats, 8)
   np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
   np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
   np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), rtol=1e-5, atol=1e-7)
