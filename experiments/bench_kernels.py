@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import kernels_pallas as kp  # noqa: E402
 from kernels_pallas.gmm import gpu as gmm_gpu  # noqa: E402
-from profile_util import print_top, top_kernels  # noqa: E402
+from profile_util import device_span_ms, print_top, top_kernels  # noqa: E402
 
 SHAPES = {   # name: (M rows, K, N, experts)
     "a13b_up": (65536, 4096, 6144, 64),
@@ -155,8 +155,9 @@ def stage_ceilings():
   ms = timeit(jax.jit(lambda a, b: a @ b), a, b)
   row("ceiling", "dense bf16 8192^3", ms, flops=2 * 8192**3)
   big = jax.random.normal(jax.random.key(2), (1 << 30,), jnp.bfloat16)   # 2 GiB
-  ms = timeit(jax.jit(lambda v: v * 2), big)
-  row("ceiling", "copy 2 GiB (read+write)", ms, nbytes=2 * big.nbytes)
+  copy = jax.jit(lambda v: v * 2)
+  row("ceiling", "copy 2 GiB (read+write)", timeit(copy, big), nbytes=2 * big.nbytes)
+  row("ceiling", "copy 2 GiB, device time", device_span_ms(copy, big), nbytes=2 * big.nbytes)
   del big
 
 
@@ -381,6 +382,14 @@ def stage_router(profile=False, shapes=("a13b", "a13b_sigmoid", "hy3"), variants
       four = jax.jit(lambda xs, w: [kp.route(xs[i], w, bias, spec, backend="gpu") for i in range(4)])
       ms = min(timeit(four, xs, w, iters=20) for _ in range(2)) / 4
       row("router", f"{shape} gpu, per call of 4 in one program", ms, nbytes=x.nbytes)
+      # the route's own device time inside a longer program (the host's per-program dispatch,
+      # ~0.1 ms here, is paid once per training step, not per router)
+      ms = device_span_ms(four, xs, w) / 4
+      row("router", f"{shape} gpu, device time per call", ms, nbytes=x.nbytes)
+      copy = RESULTS.get("ceiling", {}).get("copy 2 GiB, device time")
+      if copy and copy.get("gbs"):
+        print(f"  router {shape} gpu: {100 * x.nbytes / ms / 1e6 / copy['gbs']:.1f}% of the copy's "
+              "device bandwidth", flush=True)
       del xs
     if variants and fused:
       router_variants(x, w, bias, spec, shape)

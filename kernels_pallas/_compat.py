@@ -50,3 +50,13 @@ def tpu_params(dimension_semantics):
   from jax.experimental.pallas import tpu as pltpu
   cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
   return cls(dimension_semantics=dimension_semantics)
+
+
+def mgpu_mlir():
+  """(ir, arith, memref, gpu, mosaic_gpu) for code inlined with plgpu.inline_mgpu (per-thread
+  loads and stores: Hopper's TMA has no scatter). jax keeps these MLIR bindings private."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, gpu, memref
+  from jax.experimental import mosaic
+  import jax.experimental.mosaic.gpu as mgpu  # noqa: F401 - registers mosaic.gpu
+  return ir, arith, memref, gpu, mosaic.gpu

@@ -216,14 +216,15 @@ def test_fused_router_kernel_lowers_for_cuda_on_cpu(monkeypatch):
       text = jax.jit(fn).trace(bf(256, 128), bf(128, 64), bf(128, 64), bias).lower(
           lowering_platforms=("cuda",)).as_text()
       assert "mosaic_gpu" in text
-  text = jax.jit(functools.partial(order_gpu.block_bases, top_k=8)).trace(
-      bf(4096 * 2, 64), jax.ShapeDtypeStruct((2, 192, 64), jnp.float32)).lower(
+  text = jax.jit(order_gpu.expert_order).trace(
+      jax.ShapeDtypeStruct((4096 * 2, 8), jnp.int32), bf(4096 * 2, 64),
+      jax.ShapeDtypeStruct((2, 192, 64), jnp.float32)).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
 
 def _random_prefixes(seed, tokens, experts=64, top_k=8):
-  """Inputs of block_bases as the fused kernel writes them, from random distinct picks."""
+  """Inputs of expert_order as the fused kernel writes them, from random distinct picks."""
   from kernels_pallas.router import order_gpu
   rng = np.random.default_rng(seed)
   picks = np.argsort(rng.random((tokens, experts)) ** rng.uniform(0.2, 3, experts), axis=1)
@@ -235,29 +236,33 @@ def _random_prefixes(seed, tokens, experts=64, top_k=8):
   return experts_tk, jnp.asarray(upto, jnp.bfloat16), jnp.asarray(stats)
 
 
-def test_block_bases_reference_gives_the_stable_order():
+def test_expert_order_reference_gives_the_stable_order():
   from kernels_pallas.router import order_gpu
   experts_tk, upto, stats = _random_prefixes(7, 1024)
-  base, sizes, sums = order_gpu.block_bases_reference(upto, stats, 8)
-  sort_idx, place = order_gpu.order_from_blocks(jnp.asarray(experts_tk), upto, base)
+  sort_idx, place, sizes, frac, mean_prob, z = order_gpu.expert_order_reference(
+      jnp.asarray(experts_tk), upto, stats)
   flat = experts_tk.reshape(-1)
   np.testing.assert_array_equal(np.asarray(sort_idx), np.argsort(flat, kind="stable"))
+  np.testing.assert_array_equal(np.asarray(place)[np.asarray(sort_idx)], np.arange(flat.size))
   np.testing.assert_array_equal(np.asarray(sizes), np.bincount(flat, minlength=64))
-  np.testing.assert_allclose(sums[1], np.asarray(stats)[0].sum(0) / 1024, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(frac, np.bincount(flat, minlength=64) / flat.size, rtol=1e-6)
+  np.testing.assert_allclose(mean_prob, np.asarray(stats)[0].sum(0) / 1024, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(z, np.asarray(stats)[1].sum() / 1024, rtol=1e-5)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", (4096, 4096 * 3, 65536))
-def test_gpu_block_bases_kernel(tokens):
+def test_gpu_expert_order_kernel(tokens):
   if not _dispatch.is_hopper():
     pytest.skip("the Mosaic GPU kernel needs a Hopper GPU")
   from kernels_pallas.router import order_gpu
-  _, upto, stats = _random_prefixes(tokens, tokens)
-  got = jax.jit(functools.partial(order_gpu.block_bases, top_k=8))(upto, stats)
-  want = order_gpu.block_bases_reference(upto, stats, 8)
-  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
-  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
-  np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), rtol=1e-5, atol=1e-7)
+  experts_tk, upto, stats = _random_prefixes(tokens, tokens)
+  got = jax.jit(order_gpu.expert_order)(jnp.asarray(experts_tk), upto, stats)
+  want = order_gpu.expert_order_reference(jnp.asarray(experts_tk), upto, stats)
+  for g, w in zip(got[:3], want[:3]):   # the order, its inverse, the sizes: exact
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  for g, w in zip(got[3:], want[3:]):   # fractions, mean probabilities, z-loss: f32 sums
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.gpu

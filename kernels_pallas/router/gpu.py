@@ -11,9 +11,9 @@ One CTA = 4 warpgroups over a persistent grid of 128-row tiles, with a load ring
   top-k on packed keys (`selection_keys`: one row max per pick gives value and id), the
   renormalised weights, and the block's pick matrix H [64 tokens, E] through one small wgmma,
   L @ H with L lower triangular: for every token and expert, the picks of that expert by the
-  block's tokens up to this one (the last row is the block's counts). A second small kernel,
-  `block_bases`, turns the counts into each block's place per expert and sums the statistics;
-  XLA gathers and one scatter finish the expert order (8 kernels a call, 16 before). The statistics
+  block's tokens up to this one (the last row is the block's counts). A second kernel,
+  `expert_order` (order_gpu.py), turns the prefixes into the expert order and its inverse and sums
+  the statistics (a call is these two kernels; 16 before the thirteenth session). The statistics
   accumulate in shared memory element by element and are summed over rows once, at the end (the
   only warpgroup that reduces across warps, so Mosaic's reduction scratch is its own).
 Run in the K-loop warpgroups instead, the epilogue stopped the loads for its ~10k cycles per
@@ -29,7 +29,7 @@ from jax import lax
 
 from kernels_pallas import _compat
 from kernels_pallas.router import split
-from kernels_pallas.router.order_gpu import BLOCK, block_bases, order_from_blocks
+from kernels_pallas.router.order_gpu import BLOCK, expert_order
 from kernels_pallas.router.reference import (RouterSpec, Routing, combine_weights,
                                              scores_and_probs)
 
@@ -113,7 +113,7 @@ def fused_router(x_td, w_hi_de, w_lo_de, bias_e, spec: RouterSpec, *, with_logit
   num_tiles = num_tokens // cta_rows
   num_sms = _compat.num_sms()
   k_steps, stages = dim // tk, t.stages
-  parts = -(-num_sms // rows) * rows   # statistics rows: whole 64-row tiles for block_bases
+  parts = -(-num_sms // rows) * rows   # statistics rows: whole 64-row tiles for expert_order
   sigmoid = spec.scoring == "sigmoid"
   has_bias = sigmoid and bias_e is not None   # else no operand: a zero bias would be a kernel
   x_tf = _compat.swizzle_transforms(tk, x_td.dtype)
@@ -370,20 +370,21 @@ def _kernel(x_td, w_gate_de, bias_e, spec, with_logits):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(x_td, w_gate_de, bias_e, spec):
-  """(weights, mean probability per expert, z-loss, experts, block prefixes, block bases, group
+  """(weights, mean probability per expert, z-loss, experts, expert order, its inverse, group
   sizes, expert fractions): the two kernels. Without a gradient the first skips the logits."""
-  return _with_totals(_kernel(x_td, w_gate_de, bias_e, spec, False))
+  return _with_order(_kernel(x_td, w_gate_de, bias_e, spec, False))
 
 
-def _with_totals(out: KernelOut):
-  base_be, sizes_e, sums_3e = block_bases(out.upto_te, out.stats_spe, out.experts_tk.shape[1])
-  return (out.weights_tk, sums_3e[1], jnp.sum(sums_3e[2]), out.experts_tk, out.upto_te, base_be,
-          sizes_e, sums_3e[0])
+def _with_order(out: KernelOut):
+  sort_idx_m, place_m, sizes_e, frac_e, mean_prob_e, z_loss = expert_order(
+      out.experts_tk, out.upto_te, out.stats_spe)
+  return (out.weights_tk, mean_prob_e, z_loss, out.experts_tk, sort_idx_m, place_m, sizes_e,
+          frac_e)
 
 
 def _fused_fwd(x_td, w_gate_de, bias_e, spec):
   out = _kernel(x_td, w_gate_de, bias_e, spec, True)
-  return _with_totals(out), (x_td, w_gate_de, bias_e, out.logits_te, out.experts_tk)
+  return _with_order(out), (x_td, w_gate_de, bias_e, out.logits_te, out.experts_tk)
 
 
 def _fused_bwd(spec, res, ct):
@@ -404,9 +405,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def route_gpu(x_td, w_gate_de, bias_e, spec: RouterSpec) -> Routing:
-  """The fused kernel and block_bases; then the expert order in two XLA kernels."""
-  weights_tk, mean_prob_e, z_loss, experts_tk, upto_te, base_be, sizes_e, frac_e = _fused(
+  """The fused kernel, then expert_order: two kernels."""
+  weights_tk, mean_prob_e, z_loss, experts_tk, sort_idx_m, slot_pos_m, sizes_e, frac_e = _fused(
       x_td, w_gate_de, bias_e if spec.scoring == "sigmoid" else None, spec)
-  sort_idx_m, slot_pos_m = order_from_blocks(experts_tk, upto_te, base_be)
   return Routing(weights_tk, experts_tk, sort_idx_m, slot_pos_m, sizes_e, frac_e, mean_prob_e,
                  z_loss)
