@@ -379,7 +379,8 @@ def stage_router(profile=False, shapes=("a13b", "a13b_sigmoid", "hy3"), variants
         print_top(f"{shape} route {name}", top_kernels(fns[name], x, w, iters=5, top=20))
     if "gpu" in out:   # four routers in one program, as in a model step: no per-program launch
       xs = jnp.stack([jnp.roll(x, i, axis=0) for i in range(4)])
-      four = jax.jit(lambda xs, w: [kp.route(xs[i], w, bias, spec, backend="gpu") for i in range(4)])
+      four = jax.jit(lambda xs, w: [kp.route(xs[i], w, bias, spec, backend="gpu")
+                                    for i in range(4)])
       ms = min(timeit(four, xs, w, iters=20) for _ in range(2)) / 4
       row("router", f"{shape} gpu, per call of 4 in one program", ms, nbytes=x.nbytes)
       # the route's own device time inside a longer program (the host's per-program dispatch,

@@ -54,10 +54,11 @@ def expert_order(experts_tk, upto_te, stats_spe):
   reads every block's counts C (the prefixes' last rows) through a TMA ring and accumulates one
   wgmma per 128 blocks, earlier @ C: rows 0-7 count the picks of the blocks before each of its
   blocks, row 63 (all ones) every pick, i.e. the group sizes. bf16 0/1 and counts <= 64 are
-  exact, and so are the f32 sums (< 2^24). Then each thread takes 32 assignments: place = the expert's offset
-  (an exclusive scan of the sizes) + the picks before its block + its prefix at its expert - 1,
-  stored to sort_idx[place] by the thread itself (Hopper's TMA has no scatter). One kernel
-  replaces block bases, a gather fusion, a scatter and a reduction (H100: see WORKSPACE_NOTES).
+  exact, and so are the f32 sums (< 2^24). Then each thread takes 32 assignments: place = the
+  expert's offset (an exclusive scan of the sizes) + the picks before its block + its prefix at
+  its expert - 1, stored to sort_idx[place] by the thread itself (Hopper's TMA has no scatter).
+  One kernel replaces block bases, a gather fusion, a scatter and a reduction (H100: 14 us, with
+  the fused kernel 0.220-0.223 ms a route; 0.236 busy and 8 kernels before).
   """
   num_tokens, num_experts = upto_te.shape
   top_k = experts_tk.shape[1]
@@ -110,7 +111,8 @@ def expert_order(experts_tk, upto_te, stats_spe):
         plgpu.copy_gmem_to_smem(upto_gmem.at[rows], upto_smem.at[pl.ds(b * _TMA_ROWS, _TMA_ROWS)],
                                 mine.at[2 * b])
         plgpu.copy_gmem_to_smem(experts_gmem.at[rows],
-                                experts_smem.at[pl.ds(b * _TMA_ROWS, _TMA_ROWS)], mine.at[2 * b + 1])
+                                experts_smem.at[pl.ds(b * _TMA_ROWS, _TMA_ROWS)],
+                                mine.at[2 * b + 1])
 
       @pl.when(i < 2)   # CTA 0 sums the probabilities, CTA 1 the logsumexp^2
       def _load_stats():
