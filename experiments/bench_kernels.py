@@ -72,6 +72,22 @@ def timeit_rounds(fns, rounds=3):
   return {label: best[label] for label in labels}
 
 
+def device_rounds(fns, rounds=3):
+  """timeit_rounds, in device time (profile_util.device_span_ms): what torch's CUDA events
+  measure for its anchors. Wall time adds the host's dispatch of each 5-call batch's first
+  program (~0.05-0.1 ms a batch on the H100 machines), which device time leaves out."""
+  labels, best = list(fns), {}
+  for r in range(rounds):
+    for label in (labels if r % 2 == 0 else labels[::-1]):
+      fn, args = fns[label]
+      try:
+        best[label] = min(best.get(label, 1e30), device_span_ms(fn, *args, iters=5))
+      except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        best[label] = f"FAIL {err}"[:300]
+  return best
+
+
 def row(section, name, ms, flops=None, nbytes=None, note=""):
   tf = flops / ms / 1e9 if flops else None
   gbs = nbytes / ms / 1e6 if nbytes else None
@@ -152,8 +168,9 @@ def stage_check():
 def stage_ceilings():
   a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
   b = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
-  ms = timeit(jax.jit(lambda a, b: a @ b), a, b)
-  row("ceiling", "dense bf16 8192^3", ms, flops=2 * 8192**3)
+  mm = jax.jit(lambda a, b: a @ b)
+  row("ceiling", "dense bf16 8192^3", timeit(mm, a, b), flops=2 * 8192**3)
+  row("ceiling", "dense bf16 8192^3, device time", device_span_ms(mm, a, b), flops=2 * 8192**3)
   big = jax.random.normal(jax.random.key(2), (1 << 30,), jnp.bfloat16)   # 2 GiB
   copy = jax.jit(lambda v: v * 2)
   row("ceiling", "copy 2 GiB (read+write)", timeit(copy, big), nbytes=2 * big.nbytes)
@@ -190,6 +207,11 @@ def stage_gmm(names, variants):
         RESULTS.setdefault(sec, {})[label] = ms
       else:
         row(sec, label, ms, flops=flops, note="best of 3 alternating rounds")
+    timed = device_rounds({"ours fwd": (fwd, (x, w)), "ours dx": (dx, (dy, w)),
+                           "ours dw": (dw, (x, dy)), "dense same FLOPs": (dense, (x, w[0]))})
+    for label, ms in timed.items():
+      if not isinstance(ms, str):
+        row(sec, f"{label}, device time", ms, flops=flops, note="best of 3 alternating rounds")
     if variants:
       T = gmm_gpu.Tiling
       for t in [T(stages=3, grid_minor=0, grid_width=16), T(stages=3, grid_minor=0, grid_width=4),
