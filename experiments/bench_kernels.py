@@ -53,39 +53,32 @@ def timeit(fn, *args, iters=10, batch=5):
   return statistics.median(times)
 
 
-def timeit_rounds(fns, rounds=3):
+def timeit_rounds(fns, rounds=3, device_time=False):
   """{label: (fn, args)} -> {label: best ms}: every round times all, in a rotated (and every
   other round reversed) order. The H100's clock under sustained matmuls moves a single timing
-  by 5-8%, and the kernel timed second used to look 1-4% faster (fourth session)."""
+  by 5-8%, and the kernel timed second used to look 1-4% faster (fourth session).
+
+  device_time: the profiler's span of a call (profile_util.device_span_ms), what torch's CUDA
+  events measure for its anchors. Wall time also carries the host's dispatch of each 5-call
+  batch's first program (fourteenth session: ~0.4 ms on the host for a gmm program)."""
+  def measure(fn, args):
+    ms = device_span_ms(fn, *args, iters=5) if device_time else timeit(fn, *args, iters=5)
+    if ms != ms:
+      raise RuntimeError("the profiler saw no device ops")
+    return ms
+
   labels, best = list(fns), {}
   for r in range(rounds):
     order = labels[r % len(labels):] + labels[:r % len(labels)]
     for label in (order[::-1] if r % 2 else order):
       if isinstance(best.get(label), str):   # failed in an earlier round
         continue
-      fn, args = fns[label]
       try:
-        best[label] = min(best.get(label, 1e30), timeit(fn, *args, iters=5))
+        best[label] = min(best.get(label, 1e30), measure(*fns[label]))
       except Exception as err:  # noqa: BLE001
         traceback.print_exc()
         best[label] = f"FAIL {err}"[:300]
   return {label: best[label] for label in labels}
-
-
-def device_rounds(fns, rounds=3):
-  """timeit_rounds, in device time (profile_util.device_span_ms): what torch's CUDA events
-  measure for its anchors. Wall time adds the host's dispatch of each 5-call batch's first
-  program (~0.05-0.1 ms a batch on the H100 machines), which device time leaves out."""
-  labels, best = list(fns), {}
-  for r in range(rounds):
-    for label in (labels if r % 2 == 0 else labels[::-1]):
-      fn, args = fns[label]
-      try:
-        best[label] = min(best.get(label, 1e30), device_span_ms(fn, *args, iters=5))
-      except Exception as err:  # noqa: BLE001
-        traceback.print_exc()
-        best[label] = f"FAIL {err}"[:300]
-  return best
 
 
 def row(section, name, ms, flops=None, nbytes=None, note=""):
@@ -200,18 +193,14 @@ def stage_gmm(names, variants):
     print(f"{name}: M={m} K={k} N={n} E={e} sizes min/max {sizes.min()}/{sizes.max()}", flush=True)
     fwd, dx, dw = ours(x, w, dy, gs)
     dense = jax.jit(lambda a, b: a @ b)
-    timed = timeit_rounds({"ours fwd": (fwd, (x, w)), "ours dx": (dx, (dy, w)),
-                           "ours dw": (dw, (x, dy)), "dense same FLOPs": (dense, (x, w[0]))})
-    for label, ms in timed.items():
-      if isinstance(ms, str):
-        RESULTS.setdefault(sec, {})[label] = ms
-      else:
-        row(sec, label, ms, flops=flops, note="best of 3 alternating rounds")
-    timed = device_rounds({"ours fwd": (fwd, (x, w)), "ours dx": (dx, (dy, w)),
-                           "ours dw": (dw, (x, dy)), "dense same FLOPs": (dense, (x, w[0]))})
-    for label, ms in timed.items():
-      if not isinstance(ms, str):
-        row(sec, f"{label}, device time", ms, flops=flops, note="best of 3 alternating rounds")
+    fns = {"ours fwd": (fwd, (x, w)), "ours dx": (dx, (dy, w)), "ours dw": (dw, (x, dy)),
+           "dense same FLOPs": (dense, (x, w[0]))}
+    for device_time, suffix in ((False, ""), (True, ", device time")):
+      for label, ms in timeit_rounds(fns, device_time=device_time).items():
+        if isinstance(ms, str):
+          RESULTS.setdefault(sec, {})[label + suffix] = ms
+        else:
+          row(sec, label + suffix, ms, flops=flops, note="best of 3 alternating rounds")
     if variants:
       T = gmm_gpu.Tiling
       for t in [T(stages=3, grid_minor=0, grid_width=16), T(stages=3, grid_minor=0, grid_width=4),
