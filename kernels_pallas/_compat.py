@@ -57,6 +57,5 @@ def mgpu_mlir():
   loads and stores: Hopper's TMA has no scatter). jax keeps these MLIR bindings private."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, gpu, memref
-  from jax.experimental import mosaic
-  import jax.experimental.mosaic.gpu as mgpu  # noqa: F401 - registers mosaic.gpu
-  return ir, arith, memref, gpu, mosaic.gpu
+  import jax.experimental.mosaic.gpu as mosaic_gpu
+  return ir, arith, memref, gpu, mosaic_gpu

@@ -13,7 +13,7 @@ One CTA = 4 warpgroups over a persistent grid of 128-row tiles, with a load ring
   L @ H with L lower triangular: for every token and expert, the picks of that expert by the
   block's tokens up to this one (the last row is the block's counts). A second kernel,
   `expert_order` (order_gpu.py), turns the prefixes into the expert order and its inverse and sums
-  the statistics (a call is these two kernels; 16 before the thirteenth session). The statistics
+  the statistics (two kernels a call: 8 in the thirteenth session, 16 before). The statistics
   accumulate in shared memory element by element and are summed over rows once, at the end (the
   only warpgroup that reduces across warps, so Mosaic's reduction scratch is its own).
 Run in the K-loop warpgroups instead, the epilogue stopped the loads for its ~10k cycles per
