@@ -331,7 +331,8 @@ def test_gpu_kernels_lower_for_cuda_on_cpu(monkeypatch):
 def _variant_tilings():
   from kernels_pallas.gmm import gpu
   d = gpu.DEFAULT
-  return [d, dataclasses.replace(d, steady=True), dataclasses.replace(d, swizzled_full=False)]
+  return [d, dataclasses.replace(d, steady=True), dataclasses.replace(d, swizzled_full=False),
+          dataclasses.replace(d, prefetch=False)]
 
 
 VARIANT_TILINGS = _variant_tilings()
@@ -339,7 +340,7 @@ VARIANT_TILINGS = _variant_tilings()
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
-@pytest.mark.parametrize("tiling", VARIANT_TILINGS, ids=["default", "steady", "plain_epilogue"])
+@pytest.mark.parametrize("tiling", VARIANT_TILINGS, ids=["default", "steady", "plain_epilogue", "no_prefetch"])
 def test_gpu_tiling_variants(tiling):
   """128-row tiles: partial last tiles, groups starting off the 8-row grid, empty groups, padded
   rows; K = 768 (12 steps: a steady pipeline at 3 stages)."""

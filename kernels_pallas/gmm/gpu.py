@@ -45,13 +45,15 @@ class Tiling:
   skip_epilogue: bool = False  # DEBUG ONLY (wrong output): times the main loop alone
   wg_m: bool = False       # split the CTA tile between the warpgroups along M (m64n256 wgmma)
   steady: bool = False     # the TMA warpgroup runs on into the next item (when K steps % stages == 0)
+  prefetch: bool = False   # load the next item's schedule entries while this item runs
   profile_space: int = 0   # DEBUG: trace ranges per warpgroup (in shared memory) for Mosaic's
   profile_dir: str = ""    # in-kernel profiler: "main" / "epilogue" per item (profile_gmm.py)
 
 
 # Measured on H100 (a13b_up): N-minor order 492 TFLOP/s, M-minor snake of width 8: 688.
 # Consecutive CTAs then share one weight slice across 8 N tiles, which stays in L2.
-DEFAULT = Tiling(stages=3, grid_minor=0, grid_width=8)
+# prefetch: +0.6% at A13B down fwd in three A/B runs, +-0.1% at A13B up (fifteenth session).
+DEFAULT = Tiling(stages=3, grid_minor=0, grid_width=8, prefetch=True)
 # Decode items are few per SM: letting the TMA warpgroup run on into the next item measured
 # 0.5-2.5% less device time at batch 1 (0 at batch 32), H100, bench_decode_gmm.py.
 DECODE = Tiling(tile_m=64, stages=4, steady=True)
@@ -249,11 +251,13 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
     def _scope(allocs, o_smem, o_swz):
       wg = lax.axis_index("wg")
 
-      def item(v, ni):
-        """Visit v's first row, and the epilogue that stores its N tile ni."""
-        rows = rows_gmem[v]
-        row0 = pl.multiple_of(start_gmem[v], ALIGN)
-        lead = jnp.maximum(lo_gmem[v] - row0, 0)
+      def visit(v):
+        return start_gmem[v], rows_gmem[v], lo_gmem[v]
+
+      def item(ni, start, rows, lo):
+        """The visit's first row, and the epilogue that stores its N tile ni."""
+        row0 = pl.multiple_of(start, ALIGN)
+        lead = jnp.maximum(lo - row0, 0)
         r0 = wg * wg_rows if t.wg_m else 0
         c0 = ni * cta_n + (0 if t.wg_m else wg * tn)
         wg_cols = pl.ds(pl.multiple_of(c0, tn), wg_cols_n)
@@ -292,12 +296,15 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
 
         return row0, epilogue
 
-      @plgpu.nd_loop((computed * grid_n,), collective_axes="sm")
-      def _items(info):
-        v, ni = plgpu.planar_snake(info.index[0], (computed, grid_n), t.grid_minor,
-                                   t.grid_width)
-        row0, epilogue = item(v, ni)
-        g = jnp.minimum(group_gmem[v], num_groups - 1)
+      def schedule(lin):
+        """Item lin's N tile, expert and visit (scalar loads from global memory)."""
+        v, ni = plgpu.planar_snake(lin, (computed, grid_n), t.grid_minor, t.grid_width)
+        return (ni, group_gmem[v]) + visit(v)
+
+      def run_item(info, sched):
+        ni, g, *rest = sched
+        row0, epilogue = item(ni, *rest)
+        g = jnp.minimum(g, num_groups - 1)
         w_cta = (w_gmem.at[g, pl.ds(ni * cta_n, cta_n), :] if transpose_rhs
                  else w_gmem.at[g, :, pl.ds(ni * cta_n, cta_n)])
         state = None
@@ -329,9 +336,23 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
 
         pipeline(mma, ctx, state)(x_gmem.at[pl.ds(row0, tm)], w_cta, allocations=allocs)
 
+      total = computed * grid_n
+      if t.prefetch:   # the loads' latency hides behind the current item's pipeline
+        clamp = lambda lin: schedule(jnp.clip(lin, 0, jnp.maximum(total - 1, 0)))
+
+        @plgpu.nd_loop((total,), collective_axes="sm", init_carry=clamp(lax.axis_index("sm")))
+        def _items(info, carry):
+          nxt = clamp(info.index[0] + lax.axis_size("sm"))
+          run_item(info, carry)
+          return nxt
+      else:
+        @plgpu.nd_loop((total,), collective_axes="sm")
+        def _items(info):
+          run_item(info, schedule(info.index[0]))
+
       @plgpu.nd_loop(((held - computed) * grid_n,), collective_axes="sm")
       def _zero_items(info):   # padded rows past sum(group_sizes)
-        _, epilogue = item(computed + info.index[0] // grid_n, info.index[0] % grid_n)
+        _, epilogue = item(info.index[0] % grid_n, *visit(computed + info.index[0] // grid_n))
 
         @pl.when(wg < 2)
         def _zeros():
