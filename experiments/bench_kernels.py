@@ -1,7 +1,7 @@
 """Benchmark kernels_pallas against its anchors, all in one run on one device.
 
   PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false python experiments/bench_kernels.py \
-      [--only check,ceil,gmm,decode,router] [--shapes a13b_up,...] [--variants] [--out DIR]
+      [--only check,ceil,gmm,decode,swiglu,router] [--shapes a13b_up,...] [--variants] [--out DIR]
 
 --variants also times gmm/tgmm tilings and the fused router's tilings and debug knobs.
 
@@ -356,6 +356,28 @@ def router_variants(x, w, bias, spec, label):
         note="rounds " + "/".join(f"{v:.3f}" for v in ts))
 
 
+def stage_swiglu():
+  """The gate+up gmm with SwiGLU in its epilogue against gmm + the XLA SwiGLU (A13B up weights;
+  M = 65536 training / prefill rows down to 1024, a batch-128 decode step), device time."""
+  from kernels_pallas.gmm import reference
+  k, n, e = SHAPES["a13b_up"][1:]
+  kw = jax.random.key(7)
+  w = (jax.random.normal(kw, (e, k, n), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
+  for m in (65536, 16384, 1024):
+    gs = jnp.asarray(skewed_sizes(m, e, seed=e + k))
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+    fused = jax.jit(lambda x, w: kp.gmm_swiglu(x, w, gs, backend="gpu"))
+    unfused = jax.jit(lambda x, w: reference.swiglu_halves(
+        kp.gmm(x, w, gs, backend="gpu")).astype(jnp.bfloat16))
+    err = rel_err(fused(x, w), unfused(x, w))
+    best = timeit_rounds({"fused": (fused, (x, w)), "unfused": (unfused, (x, w))},
+                         device_time=True)
+    for label, ms in best.items():
+      if not isinstance(ms, str):
+        row(f"swiglu M={m}", f"gmm_swiglu {label}, device time", ms, flops=2 * m * k * n,
+            note=f"rel err fused vs unfused {err:.1e}")
+
+
 def stage_router(profile=False, shapes=("a13b", "a13b_sigmoid", "hy3"), variants=False):
   from kernels_pallas.router import gpu as router_gpu
   from kernels_pallas.router.split import logits_fp32, split_bf16
@@ -438,7 +460,7 @@ def stage_router(profile=False, shapes=("a13b", "a13b_sigmoid", "hy3"), variants
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--only", default="check,ceil,gmm,decode,router")
+  ap.add_argument("--only", default="check,ceil,gmm,decode,swiglu,router")
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--variants", action="store_true")
   ap.add_argument("--profile", action="store_true", help="top device kernels of the router")
@@ -452,7 +474,7 @@ def main():
   print(f"device {dev.device_kind}, jax {jax.__version__}, SMs {RESULTS['env']['sms']}")
   for st, fn in [("check", stage_check), ("ceil", stage_ceilings),
                  ("gmm", lambda: stage_gmm(args.shapes.split(","), args.variants)),
-                 ("decode", stage_decode), ("router", lambda: stage_router(args.profile, variants=args.variants))]:
+                 ("decode", stage_decode), ("swiglu", stage_swiglu), ("router", lambda: stage_router(args.profile, variants=args.variants))]:
     if st in stages:
       try:
         fn()

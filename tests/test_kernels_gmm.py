@@ -319,7 +319,9 @@ def test_gpu_kernels_lower_for_cuda_on_cpu(monkeypatch):
             spec(4, dt=jnp.int32)),
            (lambda x, w, ex: kp.gmv(x, w, ex, backend="gpu"), spec(8, 256), spec(64, 256, 512),
             spec(8, dt=jnp.int32)),
-           (lambda x, dy, g: gpu.tgmm(x, dy, g), spec(512, 256), spec(512, 256), spec(4, dt=jnp.int32))]
+           (lambda x, dy, g: gpu.tgmm(x, dy, g), spec(512, 256), spec(512, 256), spec(4, dt=jnp.int32)),
+           (lambda x, w, g: gpu.gmm_swiglu(x, w, g), spec(512, 256), spec(4, 256, 512),
+            spec(4, dt=jnp.int32))]
   for t in VARIANT_TILINGS[1:]:
     cases.append((lambda x, w, g, t=t: gpu.gmm(x, w, g, tiling=t), spec(512, 768),
                   spec(4, 768, 512), spec(4, dt=jnp.int32)))
@@ -373,3 +375,58 @@ def test_gpu_gmv(m, transpose_rhs):
                                   transpose_rhs=transpose_rhs, backend="gpu"))(x, w)
   assert y.shape == (m, n)
   assert_close(y, gmv_oracle(x, w, experts, transpose_rhs), 1e-2, f"gmv m={m}")
+
+
+def swiglu_oracle(x_mk, w_ekn, gs):
+  h = oracle(x_mk, w_ekn, gs)
+  f = h.shape[1] // 2
+  return h[:, :f] / (1.0 + np.exp(-h[:, :f])) * h[:, f:]
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+def test_gmm_swiglu_reference(case):
+  """silu(gate) * up of [gate | up]: forward vs the float64 oracle (padded rows 0), and its
+  gradients (the backward recomputes h with gmm) vs autodiff of gmm followed by SwiGLU."""
+  m, k, n, gs = case
+  x, w, _ = inputs(81, m, k, n, len(gs), jnp.float32)
+  gs_a = jnp.asarray(gs, jnp.int32)
+  y = kp.gmm_swiglu(x, w, gs_a, backend="reference")
+  assert y.shape == (m, n // 2)
+  assert_close(y, swiglu_oracle(x, w, gs), 1e-5, "gmm_swiglu")
+  assert not np.any(np.asarray(y)[sum(gs):]), "padded rows must be 0"
+
+  c = jnp.asarray(np.random.default_rng(3).standard_normal((m, n // 2)), jnp.float32)
+  fused = lambda x, w: jnp.sum(kp.gmm_swiglu(x, w, gs_a, backend="reference") * c)
+
+  def plain(x, w):
+    h = kp.gmm(x, w, gs_a, backend="reference")
+    return jnp.sum(jax.nn.silu(h[:, :n // 2]) * h[:, n // 2:] * c)
+
+  for a, b in zip(jax.grad(fused, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_gmm_swiglu_rejects_odd_n():
+  with pytest.raises(ValueError, match="odd"):
+    kp.gmm_swiglu(jnp.zeros((8, 4)), jnp.zeros((2, 4, 5)), jnp.array([4, 4]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
+def test_gpu_gmm_swiglu():
+  """The SwiGLU epilogue on the kernel: partial tiles, off-grid and empty groups, padded rows;
+  and the public op's gradients on the GPU backend against the reference backend's."""
+  from kernels_pallas.gmm import gpu
+  m, k, n = 2048, 768, 512
+  gs = [0, 70, 129, 1, 300, 64, 65, 500, 0, 37]   # 882 padded rows
+  x, w, _ = inputs(91, m, k, n, len(gs), jnp.bfloat16)
+  gs_a = jnp.asarray(gs, jnp.int32)
+  y = jax.jit(lambda x, w: gpu.gmm_swiglu(x, w, gs_a))(x, w)
+  assert y.shape == (m, n // 2)
+  assert_close(y, swiglu_oracle(x, w, gs), 1e-2, "gmm_swiglu")
+  assert not np.any(np.asarray(y, np.float32)[sum(gs):]), "padded rows must be 0"
+  c = jnp.asarray(np.random.default_rng(5).standard_normal((m, n // 2)), jnp.bfloat16)
+  loss = lambda b: jax.jit(jax.grad(
+      lambda x, w: jnp.sum(kp.gmm_swiglu(x, w, gs_a, backend=b).astype(jnp.float32) * c), (0, 1)))
+  for got, want, what in zip(loss("gpu")(x, w), loss("reference")(x, w), ("dx", "dw")):
+    assert_close(got, np.asarray(want, np.float64), 2e-2, f"gmm_swiglu {what}")

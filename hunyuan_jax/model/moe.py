@@ -1,7 +1,7 @@
 """Mixture-of-Experts FFN: router, dropless sort + grouped matmul, shared expert, combine.
 
     x [T, H] -> route (fp32) -> weights [T, k], experts [T, k], sort order, group sizes
-             -> gather rows by expert -> gmm(W_gate_up [E, H, 2I]) -> SwiGLU -> gmm(W_down [E, I, H])
+             -> gather rows by expert -> gmm(W_gate_up [E, H, 2I]) + SwiGLU -> gmm(W_down [E, I, H])
              -> unsort, weighted sum over k -> + shared expert -> y [T, H]
 
 `moe_ffn` is a pure function of local tokens, so expert/data parallel wrappers (shard_map)
@@ -145,6 +145,39 @@ def _down_combine_bwd(top_k, backend, res, dy_td):
 down_combine.defvjp(_down_combine_fwd, _down_combine_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gate_up(x_md, wi_ed2f, group_sizes, backend):
+  """silu(x @ W_gate) * (x @ W_up) for rows sorted by expert (W's columns: [gate | up]).
+
+  Without differentiation (serving) it is one fused gmm whose epilogue applies SwiGLU: the
+  [M, 2F] product is never written (H100, A13B up: 6% faster than gmm + SwiGLU). Under
+  differentiation the forward keeps the product, named for remat, and the backward uses it,
+  so training never reruns the gate+up gmm.
+  """
+  return kp.gmm_swiglu(x_md, wi_ed2f, group_sizes, backend=backend)
+
+
+def _gate_up_fwd(x_md, wi_ed2f, group_sizes, backend):
+  h_mf2 = checkpoint_name(kp.gmm(x_md, wi_ed2f, group_sizes, backend=backend), EXPERT_GATE_UP)
+  return _swiglu_2f(h_mf2), (x_md, wi_ed2f, group_sizes, h_mf2)
+
+
+def _gate_up_bwd(backend, res, d_act_mf):
+  x_md, wi_ed2f, group_sizes, h_mf2 = res
+  _, vjp = jax.vjp(_swiglu_2f, h_mf2)
+  dh_mf2, = vjp(d_act_mf)
+  dx = kp.gmm(dh_mf2, wi_ed2f, group_sizes, transpose_rhs=True, backend=backend)
+  dw = kp.tgmm(x_md, dh_mf2, group_sizes, out_dtype=wi_ed2f.dtype, backend=backend)
+  return dx, dw, None
+
+
+def _swiglu_2f(h_mf2):
+  return swiglu(h_mf2.reshape(h_mf2.shape[0], 2, -1))
+
+
+gate_up.defvjp(_gate_up_fwd, _gate_up_bwd)
+
+
 def _local_groups(experts_tk: jax.Array, expert_offset, num_local: int):
   """Sort order and group sizes for the experts [offset, offset + num_local) held here.
 
@@ -197,10 +230,8 @@ def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array]
     y_td = jnp.einsum("kd,k->d", y_kd.astype(jnp.float32), weights_tk[0])[None]
     return y_td, MoEStats(r.expert_frac_e, r.mean_prob_e, r.z_loss, dropped)
   x_sorted_md = take_rows(x_td.astype(dtype), sort_idx, inverse, top_k)
-  h_mf2 = kp.gmm(x_sorted_md, wi_edkf.astype(dtype).reshape(e_local, d, 2 * f), group_sizes,
-                 backend=backend)
-  h_mf2 = checkpoint_name(h_mf2, EXPERT_GATE_UP)   # remat "dots" keeps it: see transformer.py
-  act_mf = swiglu(h_mf2.reshape(-1, 2, f))
+  act_mf = gate_up(x_sorted_md, wi_edkf.astype(dtype).reshape(e_local, d, 2 * f), group_sizes,
+                   backend)
   y_td = down_combine(act_mf, wo_efd.astype(dtype), group_sizes, sort_idx, inverse, weights_tk,
                       top_k, backend)
   stats = MoEStats(r.expert_frac_e, r.mean_prob_e, r.z_loss, dropped)

@@ -2,9 +2,11 @@
 
 gmm(x_mk, w_ekn, group_sizes_e) -> y_mn and tgmm(x_mk, dy_mn, group_sizes_e) -> dw_ekn,
 both differentiable (custom_vjp: dx = gmm(dy, w^T), dw = tgmm(x, dy)), each backend's
-kernels used for the backward too. Backends: "reference" (jnp, any platform), "gpu"
-(Mosaic GPU, Hopper), "tpu" (Mosaic TPU), "tpu_interpret" (the TPU kernel interpreted,
-for CPU tests). "auto" picks by platform, dtype and shape and falls back to "reference".
+kernels used for the backward too. gmm_swiglu(x, w_gate_up, group_sizes) -> silu(gate) * up:
+the gate+up gmm with SwiGLU in the GPU kernel's epilogue. Backends: "reference" (jnp, any
+platform), "gpu" (Mosaic GPU, Hopper), "tpu" (Mosaic TPU), "tpu_interpret" (the TPU kernel
+interpreted, for CPU tests). "auto" picks by platform, dtype and shape and falls back to
+"reference".
 """
 import functools
 
@@ -131,6 +133,56 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, back
   x_mk = jnp.pad(x_mk, ((0, rows - m), (0, 0))) if rows > m else x_mk
   y = _gmm(name, out_dtype, bool(transpose_rhs), x_mk, w_ekn, group_sizes_e.astype(jnp.int32))
   return y[:m] if rows > m else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _gmm_swiglu(backend, out_dtype, x, w, gs):
+  if backend == "gpu" and _impl("gpu").swiglu_supports(x, w)[0]:
+    return _impl("gpu").gmm_swiglu(x, w, gs, out_dtype=out_dtype)
+  if backend == "reference":
+    return reference.gmm_swiglu_reference(x, w, gs, out_dtype=out_dtype)
+  # Kernels without the fused epilogue (TPU, GPU shapes it does not tile): gmm, then SwiGLU.
+  return reference.swiglu_halves(gmm(x, w, gs, backend=backend)).astype(out_dtype)
+
+
+def _gmm_swiglu_fwd(backend, out_dtype, x, w, gs):
+  return _gmm_swiglu(backend, out_dtype, x, w, gs), (x, w, gs)
+
+
+def _gmm_swiglu_bwd(backend, out_dtype, res, d_act):
+  """Recomputes h = [gate | up] with gmm (the fused forward never writes it)."""
+  x, w, gs = res
+  h, vjp_h = jax.vjp(lambda x, w: gmm(x, w, gs, backend=backend), x, w)
+  _, vjp_s = jax.vjp(reference.swiglu_halves, h)
+  dh, = vjp_s(d_act.astype(jnp.float32))
+  dx, dw = vjp_h(dh.astype(h.dtype))
+  return dx, dw, None
+
+
+_gmm_swiglu.defvjp(_gmm_swiglu_fwd, _gmm_swiglu_bwd)
+
+
+def gmm_swiglu(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, backend=None):
+  """silu(x @ w_gate) * (x @ w_up) per group, where w's N holds [gate | up] -> [M, N / 2].
+
+  The MoE gate+up matmul and its SwiGLU in one op. On Hopper the kernel applies SwiGLU to
+  its fp32 accumulators and never writes the [M, N] gate/up product; the backward
+  recomputes it with gmm. Rows past sum(group_sizes) give 0.
+  """
+  x_mk, w_ekn, group_sizes_e = map(jnp.asarray, (x_mk, w_ekn, group_sizes_e))
+  _check("gmm_swiglu", x_mk, w_ekn, group_sizes_e, 3)
+  if (x_mk.shape[1] != w_ekn.shape[1] or group_sizes_e.shape[0] != w_ekn.shape[0]
+      or w_ekn.shape[2] % 2):
+    raise ValueError(f"kernels_pallas.gmm_swiglu: x {x_mk.shape}, w {w_ekn.shape} and group_sizes "
+                     f"{group_sizes_e.shape} disagree on K or E, or w's N is odd.")
+  out_dtype = jnp.dtype(out_dtype or x_mk.dtype)
+  dt = jnp.promote_types(x_mk.dtype, w_ekn.dtype)
+  x_mk, w_ekn = x_mk.astype(dt), w_ekn.astype(dt)
+  name = _dispatch.requested_backend("gmm", backend)
+  if name == "auto":
+    name = _auto(*x_mk.shape, w_ekn.shape[2], dt)
+  _dispatch.check_known("gmm_swiglu", name, BACKENDS)
+  return _gmm_swiglu(name, out_dtype, x_mk, w_ekn, group_sizes_e.astype(jnp.int32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

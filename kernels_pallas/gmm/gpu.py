@@ -8,6 +8,10 @@ warpgroup owns half of the N tile; partial tiles are stored with a ladder of pow
 TMA stores so rows of the next group are never touched; the zero pseudo-group writes the
 padded rows past sum(group_sizes).
 
+gmm_swiglu: the same kernel with w's N = [gate | up]: each warpgroup takes 64 rows of the CTA
+tile and accumulates a gate and an up tile of 128 columns in two accumulators, whose SwiGLU
+the epilogue stores (half the output bytes; the [M, 2F] product is never written).
+
 gmv: the same kernel over `schedule.row_schedule`: one visit per row, each row its own
 expert (one token's top-k at decode), no sort.
 
@@ -70,6 +74,8 @@ NARROW = Tiling(tile_m=64, tile_n=64, stages=4)
 # took the A13B up / down kernels 0.203 / 0.138 -> 0.198 / 0.129 ms of device time (H100 profile,
 # 8 one-row groups; 6 stages or 128-wide K steps: within 2% of 8).
 NARROW_DEEP = Tiling(tile_m=64, tile_n=64, stages=8, steady=True)
+# SwiGLU epilogue: 128-row tiles, each warpgroup 64 rows x 128 outputs (gate + up accumulators).
+SWIGLU = Tiling(stages=3, grid_minor=0, grid_width=8, prefetch=True)
 MIN_ROWS = DECODE.tile_m  # the public op pads fewer rows up to one tile
 NARROW_VERIFIED = True
 _FP16 = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -173,6 +179,34 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
         interpret=False):
   del interpret
   t = _tiling_or_raise("gmm", x_mk, w_ekn, transpose_rhs, tiling)
+  return _grouped_matmul(x_mk, w_ekn, group_sizes_e, t, out_dtype, transpose_rhs)
+
+
+def swiglu_supports(x, w, tiling=None):
+  t = tiling or SWIGLU
+  m, k = x.shape
+  f = w.shape[2] // 2
+  if x.dtype not in _FP16 or w.dtype != x.dtype:
+    return False, f"dtype {x.dtype}/{w.dtype}: the GPU kernel takes bf16 or f16 operands"
+  if m < t.tile_m or k % t.tile_k or w.shape[2] % 2 or f % t.tile_n:
+    return False, (f"M={m} >= {t.tile_m}, K={k} divisible by {t.tile_k} and F={f} (half of "
+                   f"w's N) divisible by {t.tile_n} are needed")
+  return True, ""
+
+
+def gmm_swiglu(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=False):
+  """silu(x @ w[e, :, :F]) * (x @ w[e, :, F:]) per group: the gate+up gmm with SwiGLU applied
+  to its fp32 accumulators. Each warpgroup takes 64 rows of the CTA tile and accumulates the
+  gate and up columns of one 128-wide output tile, so both halves meet in the same registers."""
+  del interpret
+  ok, why = swiglu_supports(x_mk, w_ekn, tiling)
+  if not ok:
+    raise ValueError(f"kernels_pallas.gmm_swiglu backend='gpu': {why}; use backend='reference'.")
+  return _grouped_matmul(x_mk, w_ekn, group_sizes_e, tiling or SWIGLU, out_dtype, False,
+                         swiglu=True)
+
+
+def _grouped_matmul(x_mk, w_ekn, group_sizes_e, t, out_dtype, transpose_rhs, swiglu=False):
   sched = group_start_schedule(group_sizes_e, x_mk.shape[0], t.tile_m, zero_tail=True, align=ALIGN)
   # The visits that hold rows come first (the real groups', then the zero pseudo-group's);
   # the persistent loops stop there. Skipping the rest one by one costs a few scalar loads
@@ -180,7 +214,7 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, tili
   held = sched.rows_v > 0
   counts = jnp.stack([jnp.sum(held & (sched.group_v < w_ekn.shape[0]), dtype=jnp.int32),
                       jnp.sum(held, dtype=jnp.int32)])
-  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs)
+  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu)
 
 
 def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=None,
@@ -196,10 +230,11 @@ def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=N
   return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs)
 
 
-def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
+def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu=False):
   """The kernel: for each visit that holds rows and each N tile.
 
   counts = [visits of real groups, + the zero pseudo-group's]: those visits come first.
+  swiglu: w's N holds [gate | up]; the output is silu(gate) * up, N / 2 wide.
   """
   m, k = x_mk.shape
   num_groups = w_ekn.shape[0]
@@ -207,15 +242,18 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
   out_dtype = jnp.dtype(out_dtype or x_mk.dtype)
   pl, plgpu = _compat.mgpu()
   tm, tn, tk = t.tile_m, t.tile_n, t.tile_k
-  cta_n = 2 * tn
-  grid_n = n // cta_n
+  parts = 2 if swiglu else 1       # weight column blocks per K step: (gate, up) or one
+  n_out = n // parts
+  cta_n = tn if swiglu else 2 * tn   # output columns of a CTA tile
+  grid_n = n_out // cta_n
   k_iters = k // tk
   x_tf = _compat.swizzle_transforms(tk, x_mk.dtype)
   w_tf = _compat.swizzle_transforms(tk if transpose_rhs else cta_n, w_ekn.dtype)
   # Partial tiles need row-granular slices of the epilogue buffer: no swizzle there.
   epi_n = min(t.epi_n, tn)
   # Per-warpgroup share of the (tm, cta_n) CTA tile.
-  wg_rows, wg_cols_n = (tm // 2, cta_n) if t.wg_m else (tm, tn)
+  split_m = t.wg_m or swiglu
+  wg_rows, wg_cols_n = (tm // 2, cta_n) if split_m else (tm, tn)
   chunks = wg_cols_n // epi_n
   # A pipeline of pipelines must keep its slot sequence across items.
   steady = t.steady and k_iters % t.stages == 0 and t.delay_release == 0
@@ -229,8 +267,8 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
         in_specs=[
             plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tf,
                             delay_release=t.delay_release),
-            plgpu.BlockSpec(w_block, w_index, transforms=w_tf, delay_release=t.delay_release),
-        ])
+        ] + [plgpu.BlockSpec(w_block, w_index, transforms=w_tf, delay_release=t.delay_release)
+             for _ in range(parts)])
 
   ignore = lambda *_, **__: None
 
@@ -242,7 +280,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
 
     @functools.partial(
         pl.run_scoped,
-        allocs=pipeline(ignore, ignore).get_allocations(fake_x, fake_w),
+        allocs=pipeline(ignore, ignore).get_allocations(fake_x, *[fake_w] * parts),
         o_smem=plgpu.SMEM((2, wg_rows, epi_n), out_dtype),
         o_swz=plgpu.SMEM((2, wg_rows, epi_n), out_dtype,
                          transforms=_compat.swizzle_transforms(epi_n, out_dtype))
@@ -258,8 +296,8 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
         """The visit's first row, and the epilogue that stores its N tile ni."""
         row0 = pl.multiple_of(start, ALIGN)
         lead = jnp.maximum(lo - row0, 0)
-        r0 = wg * wg_rows if t.wg_m else 0
-        c0 = ni * cta_n + (0 if t.wg_m else wg * tn)
+        r0 = wg * wg_rows if split_m else 0
+        c0 = ni * cta_n + (0 if split_m else wg * tn)
         wg_cols = pl.ds(pl.multiple_of(c0, tn), wg_cols_n)
 
         def epilogue(acc):
@@ -305,36 +343,43 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
         ni, g, *rest = sched
         row0, epilogue = item(ni, *rest)
         g = jnp.minimum(g, num_groups - 1)
-        w_cta = (w_gmem.at[g, pl.ds(ni * cta_n, cta_n), :] if transpose_rhs
-                 else w_gmem.at[g, :, pl.ds(ni * cta_n, cta_n)])
+        w_cta = [w_gmem.at[g, pl.ds(ni * cta_n, cta_n), :] if transpose_rhs
+                 else w_gmem.at[g, :, pl.ds(p * n_out + ni * cta_n, cta_n)] for p in range(parts)]
         state = None
         if steady:   # the first item fills the pipeline; the TMA warpgroup never drains it
           state = jnp.where(info.local_index == 0, plgpu.PipelinePipeline.START,
                             plgpu.PipelinePipeline.STEADY).astype(jnp.int32)
 
         def ctx(eval_pipeline):
-          @functools.partial(pl.run_scoped,
-                             acc_ref=plgpu.ACC((wg_rows, wg_cols_n), jnp.float32))
-          def _acc(acc_ref):
+          acc = plgpu.ACC((wg_rows, wg_cols_n), jnp.float32)
+
+          @functools.partial(pl.run_scoped, acc_refs=[acc] * parts)
+          def _acc(acc_refs):
             with jax.named_scope("main"):
-              eval_pipeline(acc_ref)
+              eval_pipeline(acc_refs)
             with jax.named_scope("epilogue"):
-              epilogue(acc_ref[...].astype(out_dtype))
+              if swiglu:
+                gate, up = acc_refs[0][...], acc_refs[1][...]
+                epilogue((gate * up / (1.0 + jnp.exp(-gate))).astype(out_dtype))
+              else:
+                epilogue(acc_refs[0][...].astype(out_dtype))
 
-        def mma(_, x_smem, w_smem, acc_ref):
-          if t.wg_m:
-            a = x_smem.at[pl.ds(pl.multiple_of(wg * wg_rows, wg_rows), wg_rows)]
-            b = plgpu.transpose_ref(w_smem, (1, 0)) if transpose_rhs else w_smem
-          else:
-            a = x_smem
-            half = pl.ds(pl.multiple_of(wg * tn, tn), tn)
-            b = (plgpu.transpose_ref(w_smem.at[half, :], (1, 0)) if transpose_rhs
-                 else w_smem.at[:, half])
-          plgpu.wgmma(acc_ref, a, b)
+        def mma(_, x_smem, *w_smems_and_accs):
+          *w_smems, acc_refs = w_smems_and_accs
+          for w_smem, acc_ref in zip(w_smems, acc_refs):
+            if split_m:
+              a = x_smem.at[pl.ds(pl.multiple_of(wg * wg_rows, wg_rows), wg_rows)]
+              b = plgpu.transpose_ref(w_smem, (1, 0)) if transpose_rhs else w_smem
+            else:
+              a = x_smem
+              half = pl.ds(pl.multiple_of(wg * tn, tn), tn)
+              b = (plgpu.transpose_ref(w_smem.at[half, :], (1, 0)) if transpose_rhs
+                   else w_smem.at[:, half])
+            plgpu.wgmma(acc_ref, a, b)
           plgpu.wgmma_wait(t.delay_release)
-          return acc_ref
+          return acc_refs
 
-        pipeline(mma, ctx, state)(x_gmem.at[pl.ds(row0, tm)], w_cta, allocations=allocs)
+        pipeline(mma, ctx, state)(x_gmem.at[pl.ds(row0, tm)], *w_cta, allocations=allocs)
 
       total = computed * grid_n
       if t.prefetch:   # the loads' latency hides behind the current item's pipeline
@@ -362,7 +407,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs):
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   kernel = _compat.mgpu_kernel(
-      body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      body, out_type=jax.ShapeDtypeStruct((m, n_out), out_dtype),
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=_compiler_params(plgpu, t))
   return kernel(counts, sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, x_mk, w_ekn)

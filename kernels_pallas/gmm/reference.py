@@ -52,6 +52,19 @@ def gmm_reference(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=F
   return out[:m].astype(out_dtype)
 
 
+def swiglu_halves(h_mn):
+  """[M, 2F] = [gate | up] -> silu(gate) * up, in fp32."""
+  h_mn = h_mn.astype(jnp.float32)
+  f = h_mn.shape[1] // 2
+  return jax.nn.silu(h_mn[:, :f]) * h_mn[:, f:]
+
+
+def gmm_swiglu_reference(x_mk, w_ekn, group_sizes_e, *, out_dtype=None):
+  """silu(x @ w_gate) * (x @ w_up) per group, w's N = [gate | up], from fp32 products."""
+  h_mn = gmm_reference(x_mk, w_ekn, group_sizes_e, out_dtype=jnp.float32)
+  return swiglu_halves(h_mn).astype(out_dtype or x_mk.dtype)
+
+
 def tgmm_reference(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, num_groups=None, tm=None):
   """dw[e] = x[rows of e]^T @ dy[rows of e] -> [E, K, N]; empty groups give 0."""
   x_mk, dy_mn = jnp.asarray(x_mk), jnp.asarray(dy_mn)
