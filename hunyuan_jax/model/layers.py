@@ -109,17 +109,28 @@ def swiglu(h_x2f: jax.Array) -> jax.Array:
   return jax.nn.silu(h_x2f[..., 0, :]) * h_x2f[..., 1, :]
 
 
+def swiglu_ffn(x_btd: jax.Array, wi_dkf: jax.Array, wo_fd: jax.Array, dtype,
+               out_dtype=None) -> jax.Array:
+  """silu(x @ gate) * (x @ up) @ down in `dtype`; out_dtype=float32 keeps a partial sum exact."""
+  h = jnp.einsum("btd,dkf->btkf", x_btd.astype(dtype), wi_dkf.astype(dtype))
+  return jnp.einsum("btf,fd->btd", swiglu(h), wo_fd.astype(dtype), preferred_element_type=out_dtype)
+
+
 class SwiGLU(nn.Module):
-  """Dense SwiGLU FFN with the gate and up kernels fused as [H, 2, F]."""
+  """Dense SwiGLU FFN with the gate and up kernels fused as [H, 2, F].
+
+  The weights are attributes (setup) so that the MoE can run its shared expert inside the
+  routed experts' shard_map and reduce both with one all-reduce."""
   cfg: ModelConfig
   size: int
 
-  @nn.compact
-  def __call__(self, x_btd: jax.Array) -> jax.Array:
-    cfg, dt = self.cfg, compute_dtype(self.cfg)
+  def setup(self):
+    cfg = self.cfg
     pdt = jnp.dtype(cfg.param_dtype)
-    wi = param(self, "wi", (cfg.hidden_size, 2, self.size), ("embed", None, "mlp"), pdt,
-               fan_in=cfg.hidden_size)
-    wo = param(self, "wo", (self.size, cfg.hidden_size), ("mlp", "embed"), pdt, fan_in=self.size)
-    h = jnp.einsum("btd,dkf->btkf", x_btd.astype(dt), wi.astype(dt))
-    return jnp.einsum("btf,fd->btd", swiglu(h), wo.astype(dt))
+    self.wi = param(self, "wi", (cfg.hidden_size, 2, self.size), ("embed", None, "mlp"), pdt,
+                    fan_in=cfg.hidden_size)
+    self.wo = param(self, "wo", (self.size, cfg.hidden_size), ("mlp", "embed"), pdt,
+                    fan_in=self.size)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    return swiglu_ffn(x_btd, self.wi, self.wo, compute_dtype(self.cfg))

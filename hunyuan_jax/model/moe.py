@@ -254,16 +254,18 @@ class MoE(nn.Module):
     wi = param(self, "wi", (e, h, 2, f), ("experts", "embed", None, "mlp"), pdt, fan_in=h)
     wo = param(self, "wo", (e, f, h), ("experts", "mlp", "embed"), pdt, fan_in=f)
     b, s, _ = x_btd.shape
+    shared = SwiGLU(cfg, spec.shared_size, name="shared") if spec.shared_size else None
     mesh = moe_parallel.active_mesh()
     if mesh is not None:  # a train/serve step traced under moe_parallel.use_mesh: per-shard dispatch
-      y, stats = moe_parallel.moe_ffn_sharded(x_btd, w_router, bias, wi, wo, mesh=mesh, cfg=cfg,
-                                               top_k=spec.top_k, dtype=dt)
-    else:
-      y_td, stats = moe_ffn(x_btd.reshape(b * s, h), w_router, bias, wi, wo, cfg=cfg,
-                            top_k=spec.top_k, dtype=dt)
-      y = y_td.reshape(b, s, h)
-    if spec.shared_size:
-      shared = SwiGLU(cfg, spec.shared_size, name="shared")(x_btd)
+      y, stats = moe_parallel.moe_ffn_sharded(
+          x_btd, w_router, bias, wi, wo, mesh=mesh, cfg=cfg, top_k=spec.top_k, dtype=dt,
+          shared=(shared.wi, shared.wo) if shared else None)
+      return y.astype(dt), stats   # routed + shared, summed in fp32
+    y_td, stats = moe_ffn(x_btd.reshape(b * s, h), w_router, bias, wi, wo, cfg=cfg,
+                          top_k=spec.top_k, dtype=dt)
+    y = y_td.reshape(b, s, h)
+    if shared:
+      shared = shared(x_btd)
       if cfg.moe_fp32_combine:
         return (y + shared.astype(jnp.float32)).astype(dt), stats
       return y.astype(dt) + shared, stats
