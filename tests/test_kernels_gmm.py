@@ -116,6 +116,25 @@ def test_tpu_kernel_small_tiles():
   check_forms(run, case, jnp.float32, seed=8)
 
 
+@pytest.mark.parametrize("width", [1, 5, 16])
+def test_group_windows_order_every_item_once(width):
+  """The GPU gmm's item order: each (visit, N tile) exactly once, no window across two groups."""
+  from kernels_pallas.gmm.schedule import group_start_schedule, group_windows, window_item
+  rng = np.random.default_rng(width)
+  sizes = rng.multinomial(3000, rng.dirichlet(np.ones(12))).astype(np.int32)
+  sizes[3] = 0
+  sched = group_start_schedule(jnp.asarray(sizes), 3200, 128, zero_tail=True, align=8)
+  start, count = (np.asarray(a) for a in group_windows(sched.group_v, width))
+  group = np.asarray(sched.group_v)
+  assert all(1 <= c <= width and group[s] == group[s + c - 1] for s, c in zip(start, count))
+  computed = int(np.sum((np.asarray(sched.rows_v) > 0) & (group < 12)))
+  grid_n = 5
+  v, ni = window_item(jnp.arange(computed * grid_n), grid_n,
+                      lambda u: (jnp.asarray(start)[u], jnp.asarray(count)[u]))
+  items = sorted(zip(np.asarray(v).tolist(), np.asarray(ni).tolist()))
+  assert items == [(a, b) for a in range(computed) for b in range(grid_n)]
+
+
 @pytest.mark.parametrize("m,tm,sizes", [(200, 16, [0, 37, 100, 0, 41]), (96, 32, [0, 0, 0]),
                                         (64, 16, [16, 0, 16, 32]), (50, 16, [60, 3]),
                                         (130, 16, [3, 0, 1, 0, 0, 9, 70, 1, 0, 20])])
@@ -334,7 +353,7 @@ def _variant_tilings():
   from kernels_pallas.gmm import gpu
   d = gpu.DEFAULT
   return [d, dataclasses.replace(d, steady=True), dataclasses.replace(d, swizzled_full=False),
-          dataclasses.replace(d, prefetch=False)]
+          dataclasses.replace(d, prefetch=False), dataclasses.replace(d, group_window=0)]
 
 
 VARIANT_TILINGS = _variant_tilings()
@@ -342,7 +361,8 @@ VARIANT_TILINGS = _variant_tilings()
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
-@pytest.mark.parametrize("tiling", VARIANT_TILINGS, ids=["default", "steady", "plain_epilogue", "no_prefetch"])
+@pytest.mark.parametrize("tiling", VARIANT_TILINGS, ids=["default", "steady", "plain_epilogue", "no_prefetch",
+                                                        "planar_snake"])
 def test_gpu_tiling_variants(tiling):
   """128-row tiles: partial last tiles, groups starting off the 8-row grid, empty groups, padded
   rows; K = 768 (12 steps: a steady pipeline at 3 stages)."""

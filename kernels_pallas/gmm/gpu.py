@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas import _compat
-from kernels_pallas.gmm.schedule import cdiv, group_bounds, group_start_schedule, row_schedule
+from kernels_pallas.gmm.schedule import (cdiv, group_bounds, group_start_schedule, group_windows,
+                                         row_schedule, window_item)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Tiling:
   tile_k: int = 64         # contraction step (64 bf16 = one 128-byte swizzle row)
   stages: int = 4          # TMA pipeline depth
   epi_n: int = 64          # columns per epilogue store (smaller = less shared memory)
-  grid_minor: int = 1      # planar_snake minor dim: 1 = N tiles inner
+  grid_minor: int = 1      # planar_snake minor dim: 1 = N tiles inner (when group_window = 0)
   grid_width: int = 1      # planar_snake tile width
   swizzled_full: bool = True   # full tiles leave through a swizzled buffer (no bank conflicts)
   delay_release: int = 0   # keep this many wgmma groups in flight before releasing a stage
@@ -50,6 +51,7 @@ class Tiling:
   wg_m: bool = False       # split the CTA tile between the warpgroups along M (m64n256 wgmma)
   steady: bool = False     # the TMA warpgroup runs on into the next item (when K steps % stages == 0)
   prefetch: bool = False   # load the next item's schedule entries while this item runs
+  group_window: int = 0    # > 0: item order by windows of this many visits inside one group
   profile_space: int = 0   # DEBUG: trace ranges per warpgroup (in shared memory) for Mosaic's
   profile_dir: str = ""    # in-kernel profiler: "main" / "epilogue" per item (profile_gmm.py)
 
@@ -57,7 +59,10 @@ class Tiling:
 # Measured on H100 (a13b_up): N-minor order 492 TFLOP/s, M-minor snake of width 8: 688.
 # Consecutive CTAs then share one weight slice across 8 N tiles, which stays in L2.
 # prefetch: +0.6% at A13B down fwd in three A/B runs, +-0.1% at A13B up (fifteenth session).
-DEFAULT = Tiling(stages=3, grid_minor=0, grid_width=8, prefetch=True)
+# group_window (sixteenth session, device time, bench's imbalanced groups): the planar snake's
+# fixed 8-visit windows straddle groups; windows inside one group took fwd A13B up / down
+# 709.8 / 700.0 -> 726.9 / 707.6 TFLOP/s at 16 (722.7 / 705.7 at 8), Hy3 +3.5-3.9%, dx +1-5%.
+DEFAULT = Tiling(stages=3, grid_minor=0, grid_width=8, prefetch=True, group_window=16)
 # Decode items are few per SM: letting the TMA warpgroup run on into the next item measured
 # 0.5-2.5% less device time at batch 1 (0 at batch 32), H100, bench_decode_gmm.py.
 DECODE = Tiling(tile_m=64, stages=4, steady=True)
@@ -75,7 +80,7 @@ NARROW = Tiling(tile_m=64, tile_n=64, stages=4)
 # 8 one-row groups; 6 stages or 128-wide K steps: within 2% of 8).
 NARROW_DEEP = Tiling(tile_m=64, tile_n=64, stages=8, steady=True)
 # SwiGLU epilogue: 128-row tiles, each warpgroup 64 rows x 128 outputs (gate + up accumulators).
-SWIGLU = Tiling(stages=3, grid_minor=0, grid_width=8, prefetch=True)
+SWIGLU = Tiling(stages=3, grid_minor=0, grid_width=8, prefetch=True, group_window=16)
 MIN_ROWS = DECODE.tile_m  # the public op pads fewer rows up to one tile
 NARROW_VERIFIED = True
 _FP16 = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -214,7 +219,8 @@ def _grouped_matmul(x_mk, w_ekn, group_sizes_e, t, out_dtype, transpose_rhs, swi
   held = sched.rows_v > 0
   counts = jnp.stack([jnp.sum(held & (sched.group_v < w_ekn.shape[0]), dtype=jnp.int32),
                       jnp.sum(held, dtype=jnp.int32)])
-  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu)
+  windows = group_windows(sched.group_v, t.group_window) if t.group_window else ()
+  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu, windows)
 
 
 def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=None,
@@ -230,7 +236,8 @@ def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=N
   return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs)
 
 
-def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu=False):
+def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu=False,
+                  windows=()):
   """The kernel: for each visit that holds rows and each N tile.
 
   counts = [visits of real groups, + the zero pseudo-group's]: those visits come first.
@@ -272,7 +279,8 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
 
   ignore = lambda *_, **__: None
 
-  def body(counts_gmem, group_gmem, start_gmem, rows_gmem, lo_gmem, x_gmem, w_gmem, o_gmem):
+  def body(counts_gmem, group_gmem, start_gmem, rows_gmem, lo_gmem, *refs):
+    *win_gmem, x_gmem, w_gmem, o_gmem = refs
     computed, held = counts_gmem[0], counts_gmem[1]
     fake_x = x_gmem.at[pl.ds(0, tm)]
     fake_w = (w_gmem.at[0, pl.ds(0, cta_n), :] if transpose_rhs
@@ -336,7 +344,10 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
 
       def schedule(lin):
         """Item lin's N tile, expert and visit (scalar loads from global memory)."""
-        v, ni = plgpu.planar_snake(lin, (computed, grid_n), t.grid_minor, t.grid_width)
+        if win_gmem:
+          v, ni = window_item(lin, grid_n, lambda u: (win_gmem[0][u], win_gmem[1][u]))
+        else:
+          v, ni = plgpu.planar_snake(lin, (computed, grid_n), t.grid_minor, t.grid_width)
         return (ni, group_gmem[v]) + visit(v)
 
       def run_item(info, sched):
@@ -410,7 +421,8 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
       body, out_type=jax.ShapeDtypeStruct((m, n_out), out_dtype),
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=_compiler_params(plgpu, t))
-  return kernel(counts, sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, x_mk, w_ekn)
+  return kernel(counts, sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, *windows, x_mk,
+                w_ekn)
 
 
 def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=False):

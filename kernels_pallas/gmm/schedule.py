@@ -14,6 +14,7 @@ Two layouts:
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from jax import lax
 
 
 class Schedule(NamedTuple):
@@ -108,3 +109,31 @@ def aligned_schedule(group_sizes_e, m, tm, *, zero_tail=False, visit_empty=False
   start_v = jnp.where(valid, block_v, block_v[last]) * tm
   rows_v = jnp.clip(jnp.minimum(hi_v, start_v + tm) - jnp.maximum(lo_v, start_v), 0, tm)
   return Schedule(jnp.where(valid, g, g[last]), start_v, rows_v, lo_v, hi_v)
+
+
+def group_windows(group_v, width):
+  """Visit v -> (first visit, visit count) of its window: runs of at most `width` consecutive
+  visits of one group, counted from the group's first visit, so no window holds two groups.
+
+  A persistent kernel that walks the N tiles of one window before the next (`window_item`)
+  reads each weight slice once per window. Fixed-width windows that straddle groups measured
+  6% slower on the H100 at equal groups (sixteenth session)."""
+  n = group_v.shape[0]
+  v = jnp.arange(n, dtype=jnp.int32)
+  edge = group_v[1:] != group_v[:-1]
+  first = lax.cummax(jnp.where(jnp.concatenate([jnp.ones((1,), bool), edge]), v, 0))
+  last = lax.cummin(jnp.where(jnp.concatenate([edge, jnp.ones((1,), bool)]), v, n - 1),
+                    reverse=True)
+  start = v - (v - first) % width
+  return start, jnp.minimum(width, last + 1 - start)
+
+
+def window_item(lin, grid_n, window):
+  """Work item lin -> (visit, N tile): windows in visit order, each a snake over its N tiles.
+
+  window(u) -> (first visit, count) of visit u's window; window w owns items
+  [first * grid_n, (first + count) * grid_n), so lin // grid_n names a visit inside it."""
+  start, count = window(lin // grid_n)
+  i = lin - start * grid_n
+  ni, r = i // count, i % count
+  return start + jnp.where(ni % 2 == 0, r, count - 1 - r), ni
