@@ -117,9 +117,11 @@ def test_tpu_kernel_small_tiles():
 
 
 @pytest.mark.parametrize("width", [1, 5, 16])
-def test_group_windows_order_every_item_once(width):
-  """The GPU gmm's item order: each (visit, N tile) exactly once, no window across two groups."""
-  from kernels_pallas.gmm.schedule import group_start_schedule, group_windows, window_item
+def test_item_table_orders_every_item_once(width):
+  """The GPU gmm's item order: each (visit, N tile) exactly once, windows inside one group, each
+  a snake over its visits per N tile, and a group's next window starts on the N tile where the
+  last one ended."""
+  from kernels_pallas.gmm.schedule import group_start_schedule, group_windows, item_table
   rng = np.random.default_rng(width)
   sizes = rng.multinomial(3000, rng.dirichlet(np.ones(12))).astype(np.int32)
   sizes[3] = 0
@@ -129,10 +131,21 @@ def test_group_windows_order_every_item_once(width):
   assert all(1 <= c <= width and group[s] == group[s + c - 1] for s, c in zip(start, count))
   computed = int(np.sum((np.asarray(sched.rows_v) > 0) & (group < 12)))
   grid_n = 5
-  v, ni = window_item(jnp.arange(computed * grid_n), grid_n,
-                      lambda u: (jnp.asarray(start)[u], jnp.asarray(count)[u]))
-  items = sorted(zip(np.asarray(v).tolist(), np.asarray(ni).tolist()))
-  assert items == [(a, b) for a in range(computed) for b in range(grid_n)]
+  packed = np.asarray(item_table(sched.group_v, grid_n, width))[:computed * grid_n]
+  v, ni = packed // grid_n, packed % grid_n
+  assert sorted(zip(v.tolist(), ni.tolist())) == [(a, b) for a in range(computed)
+                                                  for b in range(grid_n)]
+  lin = 0
+  for s in sorted(set(start[:computed].tolist())):   # window by window, in visit order
+    c, items = count[s], slice(lin, lin + count[s] * grid_n)
+    assert set(v[items]) == set(range(s, s + c))
+    cols = ni[items].reshape(grid_n, c)
+    assert (cols == cols[:, :1]).all()                  # one N tile at a time: a weight slice
+    assert sorted(cols[:, 0]) == list(range(grid_n))
+    same_group = lin and group[v[lin - 1]] == group[s]
+    assert not same_group or ni[lin] == ni[lin - 1]     # a group's windows meet on one N tile
+    lin += c * grid_n
+  assert lin == computed * grid_n
 
 
 @pytest.mark.parametrize("m,tm,sizes", [(200, 16, [0, 37, 100, 0, 41]), (96, 32, [0, 0, 0]),
@@ -201,6 +214,7 @@ def test_gpu_tiling_selection():
   bf16 = jnp.bfloat16
   assert gpu.select_tiling(384, 128, 256, bf16) == gpu.DECODE   # K/tile_k = 2 < stages
   assert gpu.select_tiling(65536, 4096, 6144, bf16) == gpu.DEFAULT
+  assert gpu.select_tiling(65536, 1536, 4096, bf16) == gpu.SHORT_K   # 24 K steps (Hy3 down)
   assert gpu.select_tiling(40, 128, 256, bf16) is None           # M under the row tile
   assert gpu.select_tiling(4096, 128, 256, jnp.float32) is None
   assert gpu.select_tiling(4096, 96, 256, bf16) is None          # K not a multiple of 64

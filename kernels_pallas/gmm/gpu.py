@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas import _compat
-from kernels_pallas.gmm.schedule import (cdiv, group_bounds, group_start_schedule, group_windows,
-                                         row_schedule, window_item)
+from kernels_pallas.gmm.schedule import (cdiv, group_bounds, group_start_schedule, item_table,
+                                         row_schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,8 @@ class Tiling:
   wg_m: bool = False       # split the CTA tile between the warpgroups along M (m64n256 wgmma)
   steady: bool = False     # the TMA warpgroup runs on into the next item (when K steps % stages == 0)
   prefetch: bool = False   # load the next item's schedule entries while this item runs
-  group_window: int = 0    # > 0: item order by windows of this many visits inside one group
+  group_window: int = 0    # > 0: item order by windows of this many visits inside one group,
+                           # read from schedule.item_table (0: planar snake computed in the kernel)
   profile_space: int = 0   # DEBUG: trace ranges per warpgroup (in shared memory) for Mosaic's
   profile_dir: str = ""    # in-kernel profiler: "main" / "epilogue" per item (profile_gmm.py)
 
@@ -62,7 +63,15 @@ class Tiling:
 # group_window (sixteenth session, device time, bench's imbalanced groups): the planar snake's
 # fixed 8-visit windows straddle groups; windows inside one group took fwd A13B up / down
 # 709.8 / 700.0 -> 726.9 / 707.6 TFLOP/s at 16 (722.7 / 705.7 at 8), Hy3 +3.5-3.9%, dx +1-5%.
+# Seventeenth session: the N direction flips on every other window of a group (item_table),
+# +0.3-0.6% at A13B up and down in two A/B runs.
 DEFAULT = Tiling(stages=3, grid_minor=0, grid_width=8, prefetch=True, group_window=16)
+# Items of at most 32 K steps (Hy3's down projection, K = 1536: 24 steps) spend a larger share in
+# the pipeline fill: running the TMA warpgroup on into the next item took Hy3 down fwd 544.7 ->
+# 558.9 TFLOP/s (H100, seventeenth session); at 48 steps (A13B down) it was within 0.5%, at 96
+# (A13B up dx) 1.3% slower.
+SHORT_K = dataclasses.replace(DEFAULT, steady=True)
+SHORT_K_STEPS = 32
 # Decode items are few per SM: letting the TMA warpgroup run on into the next item measured
 # 0.5-2.5% less device time at batch 1 (0 at batch 32), H100, bench_decode_gmm.py.
 DECODE = Tiling(tile_m=64, stages=4, steady=True)
@@ -86,8 +95,10 @@ NARROW_VERIFIED = True
 _FP16 = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def default_tiling(m):
-  return DECODE if m <= 1024 else DEFAULT
+def default_tiling(m, k):
+  if m <= 1024:
+    return DECODE
+  return SHORT_K if k // DEFAULT.tile_k <= SHORT_K_STEPS else DEFAULT
 
 
 def _fits(t, m, k, n):
@@ -105,7 +116,7 @@ def select_tiling(m, k, n, dtype):
   """
   if jnp.dtype(dtype) not in _FP16:
     return None
-  candidates = (default_tiling(m),) + ((NARROW,) if NARROW_VERIFIED else ())
+  candidates = (default_tiling(m, k),) + ((NARROW,) if NARROW_VERIFIED else ())
   if m <= NARROW.tile_m:   # batch-1 decode: 8 one-row groups; half-width tiles double the CTAs
     candidates = (NARROW_DEEP, DECODE)   # that stream the weights (192 -> 384 on 132 SMs)
   for t in candidates:
@@ -145,7 +156,7 @@ def supports(x, w, *, transpose_rhs=False, tiling=None):
     why = _fits(tiling, m, k, n)
     return not why, why
   if select_tiling(m, k, n, x.dtype) is None:
-    return False, _fits(default_tiling(m), m, k, n)
+    return False, _fits(default_tiling(m, k), m, k, n)
   return True, ""
 
 
@@ -219,8 +230,12 @@ def _grouped_matmul(x_mk, w_ekn, group_sizes_e, t, out_dtype, transpose_rhs, swi
   held = sched.rows_v > 0
   counts = jnp.stack([jnp.sum(held & (sched.group_v < w_ekn.shape[0]), dtype=jnp.int32),
                       jnp.sum(held, dtype=jnp.int32)])
-  windows = group_windows(sched.group_v, t.group_window) if t.group_window else ()
-  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu, windows)
+  order = ()
+  if t.group_window:
+    n = w_ekn.shape[1] if transpose_rhs else w_ekn.shape[2]
+    grid_n = n // (t.tile_n if swiglu else 2 * t.tile_n) // (2 if swiglu else 1)
+    order = (item_table(sched.group_v, grid_n, t.group_window),)
+  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu, order)
 
 
 def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=None,
@@ -237,7 +252,7 @@ def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=N
 
 
 def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu=False,
-                  windows=()):
+                  order=()):
   """The kernel: for each visit that holds rows and each N tile.
 
   counts = [visits of real groups, + the zero pseudo-group's]: those visits come first.
@@ -280,7 +295,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
   ignore = lambda *_, **__: None
 
   def body(counts_gmem, group_gmem, start_gmem, rows_gmem, lo_gmem, *refs):
-    *win_gmem, x_gmem, w_gmem, o_gmem = refs
+    *order_gmem, x_gmem, w_gmem, o_gmem = refs
     computed, held = counts_gmem[0], counts_gmem[1]
     fake_x = x_gmem.at[pl.ds(0, tm)]
     fake_w = (w_gmem.at[0, pl.ds(0, cta_n), :] if transpose_rhs
@@ -344,8 +359,9 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
 
       def schedule(lin):
         """Item lin's N tile, expert and visit (scalar loads from global memory)."""
-        if win_gmem:
-          v, ni = window_item(lin, grid_n, lambda u: (win_gmem[0][u], win_gmem[1][u]))
+        if order_gmem:   # schedule.item_table
+          packed = order_gmem[0][lin]
+          v, ni = packed // grid_n, packed % grid_n
         else:
           v, ni = plgpu.planar_snake(lin, (computed, grid_n), t.grid_minor, t.grid_width)
         return (ni, group_gmem[v]) + visit(v)
@@ -421,7 +437,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
       body, out_type=jax.ShapeDtypeStruct((m, n_out), out_dtype),
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=_compiler_params(plgpu, t))
-  return kernel(counts, sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, *windows, x_mk,
+  return kernel(counts, sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, *order, x_mk,
                 w_ekn)
 
 
