@@ -118,34 +118,36 @@ def test_tpu_kernel_small_tiles():
 
 @pytest.mark.parametrize("width", [1, 5, 16])
 def test_item_table_orders_every_item_once(width):
-  """The GPU gmm's item order: each (visit, N tile) exactly once, windows inside one group, each
-  a snake over its visits per N tile, and a group's next window starts on the N tile where the
-  last one ended."""
-  from kernels_pallas.gmm.schedule import group_start_schedule, group_windows, item_table
+  """The GPU gmm's item order: each (visit, N tile) exactly once; windows of at most `width`
+  visits of one group from the group's first visit, in visit order; each window one N tile at a
+  time (a snake over its visits); a group's next window starts on the N tile the last one ended."""
+  from kernels_pallas.gmm.schedule import group_start_schedule, item_table
   rng = np.random.default_rng(width)
   sizes = rng.multinomial(3000, rng.dirichlet(np.ones(12))).astype(np.int32)
   sizes[3] = 0
   sched = group_start_schedule(jnp.asarray(sizes), 3200, 128, zero_tail=True, align=8)
-  start, count = (np.asarray(a) for a in group_windows(sched.group_v, width))
   group = np.asarray(sched.group_v)
-  assert all(1 <= c <= width and group[s] == group[s + c - 1] for s, c in zip(start, count))
   computed = int(np.sum((np.asarray(sched.rows_v) > 0) & (group < 12)))
   grid_n = 5
-  packed = np.asarray(item_table(sched.group_v, grid_n, width))[:computed * grid_n]
+  packed = np.asarray(item_table(sched, grid_n, width, 128, 8))[:computed * grid_n]
   v, ni = packed // grid_n, packed % grid_n
   assert sorted(zip(v.tolist(), ni.tolist())) == [(a, b) for a in range(computed)
                                                   for b in range(grid_n)]
+  windows, first = [], 0      # the oracle: each group's visits in runs of `width`
+  for u in range(1, computed + 1):
+    if u == computed or group[u] != group[first]:
+      windows += [(s, min(width, u - s)) for s in range(first, u, width)]
+      first = u
   lin = 0
-  for s in sorted(set(start[:computed].tolist())):   # window by window, in visit order
-    c, items = count[s], slice(lin, lin + count[s] * grid_n)
-    assert set(v[items]) == set(range(s, s + c))
-    cols = ni[items].reshape(grid_n, c)
-    assert (cols == cols[:, :1]).all()                  # one N tile at a time: a weight slice
-    assert sorted(cols[:, 0]) == list(range(grid_n))
-    same_group = lin and group[v[lin - 1]] == group[s]
-    assert not same_group or ni[lin] == ni[lin - 1]     # a group's windows meet on one N tile
+  for s, c in windows:
+    items = slice(lin, lin + c * grid_n)
+    cols, rows = ni[items].reshape(grid_n, c), v[items].reshape(grid_n, c)
+    assert (cols == cols[:, :1]).all() and sorted(cols[:, 0]) == list(range(grid_n))
+    assert all(sorted(r) == list(range(s, s + c)) for r in rows)
+    assert (rows[1:, 0] == rows[:-1, -1]).all()     # the snake turns on the visit it ended on
+    if lin and group[v[lin - 1]] == group[s]:
+      assert ni[lin] == ni[lin - 1]                 # a group's windows meet on one N tile
     lin += c * grid_n
-  assert lin == computed * grid_n
 
 
 @pytest.mark.parametrize("m,tm,sizes", [(200, 16, [0, 37, 100, 0, 41]), (96, 32, [0, 0, 0]),

@@ -234,7 +234,7 @@ def _grouped_matmul(x_mk, w_ekn, group_sizes_e, t, out_dtype, transpose_rhs, swi
   if t.group_window:
     n = w_ekn.shape[1] if transpose_rhs else w_ekn.shape[2]
     grid_n = n // (t.tile_n if swiglu else 2 * t.tile_n) // (2 if swiglu else 1)
-    order = (item_table(sched.group_v, grid_n, t.group_window),)
+    order = (item_table(sched, grid_n, t.group_window, t.tile_m, ALIGN),)
   return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu, order)
 
 

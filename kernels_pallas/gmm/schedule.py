@@ -14,7 +14,6 @@ Two layouts:
 from typing import NamedTuple
 
 import jax.numpy as jnp
-from jax import lax
 
 
 class Schedule(NamedTuple):
@@ -111,47 +110,28 @@ def aligned_schedule(group_sizes_e, m, tm, *, zero_tail=False, visit_empty=False
   return Schedule(jnp.where(valid, g, g[last]), start_v, rows_v, lo_v, hi_v)
 
 
-def _runs(group_v):
-  """Visit v -> (first, last) visit of the run of equal groups that holds it."""
-  n = group_v.shape[0]
-  v = jnp.arange(n, dtype=jnp.int32)
-  edge = group_v[1:] != group_v[:-1]
-  first = lax.cummax(jnp.where(jnp.concatenate([jnp.ones((1,), bool), edge]), v, 0))
-  last = lax.cummin(jnp.where(jnp.concatenate([edge, jnp.ones((1,), bool)]), v, n - 1),
-                    reverse=True)
-  return first, last
+def item_table(sched: Schedule, grid_n, width, tm, align):
+  """Work item -> visit * grid_n + N tile, int32 [V * grid_n]: the GPU gmm's item order, for a
+  `group_start_schedule(..., tm, align=align)`.
 
-
-def group_windows(group_v, width):
-  """Visit v -> (first visit, visit count) of its window: runs of at most `width` consecutive
-  visits of one group, counted from the group's first visit, so no window holds two groups.
-
-  A persistent kernel that walks the N tiles of one window before the next (`item_table`)
-  reads each weight slice once per window. Fixed-width windows that straddle groups measured
-  6% slower on the H100 at equal groups (sixteenth session)."""
-  v = jnp.arange(group_v.shape[0], dtype=jnp.int32)
-  first, last = _runs(group_v)
-  start = v - (v - first) % width
-  return start, jnp.minimum(width, last + 1 - start)
-
-
-def item_table(group_v, grid_n, width):
-  """Work item -> visit * grid_n + N tile, int32 [V * grid_n]: the GPU gmm's item order.
-
-  Windows of at most `width` visits of one group (`group_windows`) in visit order; inside a
-  window a snake over the visits for each N tile, so consecutive items share a weight slice.
-  The N direction flips on every other window of a group, so a window starts on the weight
-  slice its predecessor ended on (+0.3-0.6% at A13B shapes on the H100, seventeenth session).
-  Read from a table, this order also ran 0.2-0.5% faster than the same order computed in the
-  kernel: fewer dependent scalar loads per item."""
-  num = group_v.shape[0]
-  start, count = group_windows(group_v, width)
-  first, _ = _runs(group_v)
+  Windows of at most `width` visits of one group, counted from the group's first visit, in visit
+  order; inside a window a snake over its visits for each N tile, so consecutive items (on
+  neighbouring SMs) share a weight slice, which stays in L2. The N direction flips on every
+  other window of a group, so a window starts on the slice its predecessor ended on.
+  H100 (sixteenth and seventeenth sessions): windows that straddle two groups cost ~6%; the flip
+  +0.3-0.6%; reordering whole groups or windows by size changed nothing (+-0.3%). One XLA fusion
+  from the schedule's own fields: scans over the visits cost 0.5% of an A13B gmm."""
+  num = sched.group_v.shape[0]
+  first = sched.lo_v // align * align
+  tile = (sched.start_v - first) // tm        # the visit's tile inside its group
+  tiles = cdiv(sched.hi_v - first, tm)
   lin = jnp.arange(num * grid_n, dtype=jnp.int32)
   u = lin // grid_n
-  s, c = start[u], count[u]
-  i = lin - s * grid_n
-  ni, r = i // c, i % c
-  visit = s + jnp.where(ni % 2 == 0, r, c - 1 - r)
-  flip = ((s - first[u]) // width) % 2 == 1
+  j, offset = tile[u], tile[u] % width
+  start = u - offset                          # the window's first visit and its length
+  count = jnp.clip(tiles[u] - (j - offset), 1, width)
+  i = lin - start * grid_n
+  ni, r = i // count, i % count
+  visit = jnp.clip(start + jnp.where(ni % 2 == 0, r, count - 1 - r), 0, num - 1)
+  flip = (j // width) % 2 == 1
   return visit * grid_n + jnp.where(flip, grid_n - 1 - ni, ni)
