@@ -230,12 +230,7 @@ def _grouped_matmul(x_mk, w_ekn, group_sizes_e, t, out_dtype, transpose_rhs, swi
   held = sched.rows_v > 0
   counts = jnp.stack([jnp.sum(held & (sched.group_v < w_ekn.shape[0]), dtype=jnp.int32),
                       jnp.sum(held, dtype=jnp.int32)])
-  order = ()
-  if t.group_window:
-    n = w_ekn.shape[1] if transpose_rhs else w_ekn.shape[2]
-    grid_n = n // (t.tile_n if swiglu else 2 * t.tile_n) // (2 if swiglu else 1)
-    order = (item_table(sched, grid_n, t.group_window, t.tile_m, ALIGN),)
-  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu, order)
+  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu)
 
 
 def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=None,
@@ -251,8 +246,7 @@ def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=N
   return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs)
 
 
-def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu=False,
-                  order=()):
+def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu=False):
   """The kernel: for each visit that holds rows and each N tile.
 
   counts = [visits of real groups, + the zero pseudo-group's]: those visits come first.
@@ -268,6 +262,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
   n_out = n // parts
   cta_n = tn if swiglu else 2 * tn   # output columns of a CTA tile
   grid_n = n_out // cta_n
+  order = (item_table(sched, grid_n, t.group_window, tm, ALIGN),) if t.group_window else ()
   k_iters = k // tk
   x_tf = _compat.swizzle_transforms(tk, x_mk.dtype)
   w_tf = _compat.swizzle_transforms(tk if transpose_rhs else cta_n, w_ekn.dtype)
