@@ -38,6 +38,27 @@ def swizzle_transforms(cols, dtype):
   return plgpu.TilingTransform((8, swz // itemsize)), plgpu.SwizzleTransform(swz)
 
 
+def row_transforms(cols, dtype):
+  """Tiling (1, 64) + 128-byte swizzle: rows of one swizzle row each, so a TMA copy reaches any
+  row. Mosaic GPU's TMA through the (8, 64) tiling that wgmma takes divides the row index by 8
+  (`TileTransform.transform_index`); both tilings lay out the same bytes (`row_aliased`)."""
+  _, plgpu = mgpu()
+  itemsize = jax.numpy.dtype(dtype).itemsize
+  if cols * itemsize != 128:
+    raise ValueError(f"row_transforms: rows of {cols} x {itemsize} bytes; 128 are needed")
+  return plgpu.TilingTransform((1, cols)), plgpu.SwizzleTransform(128)
+
+
+def row_aliased(shape, dtype):
+  """One shared-memory buffer with two views of its bytes: (row view, tiled view).
+
+  TMA copies go through the row view (`row_transforms`), wgmma and register stores through the
+  tiled one (`swizzle_transforms`)."""
+  _, plgpu = mgpu()
+  return plgpu.RefUnion(plgpu.SMEM(shape, dtype, transforms=row_transforms(shape[-1], dtype)),
+                        plgpu.SMEM(shape, dtype, transforms=swizzle_transforms(shape[-1], dtype)))
+
+
 def mgpu_kernel(body, *, out_type, **kwargs):
   """plgpu.kernel with the output keyword this version takes (out_type since 0.10)."""
   _, plgpu = mgpu()

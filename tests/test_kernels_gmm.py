@@ -125,11 +125,11 @@ def test_item_table_orders_every_item_once(width):
   rng = np.random.default_rng(width)
   sizes = rng.multinomial(3000, rng.dirichlet(np.ones(12))).astype(np.int32)
   sizes[3] = 0
-  sched = group_start_schedule(jnp.asarray(sizes), 3200, 128, zero_tail=True, align=8)
+  sched = group_start_schedule(jnp.asarray(sizes), 3200, 128, zero_tail=True)
   group = np.asarray(sched.group_v)
   computed = int(np.sum((np.asarray(sched.rows_v) > 0) & (group < 12)))
   grid_n = 5
-  packed = np.asarray(item_table(sched, grid_n, width, 128, 8))[:computed * grid_n]
+  packed = np.asarray(item_table(sched, grid_n, width, 128))[:computed * grid_n]
   v, ni = packed // grid_n, packed % grid_n
   assert sorted(zip(v.tolist(), ni.tolist())) == [(a, b) for a in range(computed)
                                                   for b in range(grid_n)]

@@ -2,11 +2,14 @@
 
 gmm: one CTA = 2 compute warpgroups + 1 TMA warpgroup. A work item is (row tile of one
 group, N tile); the row tiles come from `schedule.group_start_schedule`, so a tile starts
-at its group's first row (TMA takes any row offset) and only a group's last tile is
+at its group's first row and only a group's last tile is
 partial: about G/2 wasted tiles instead of the G-1 of tile-aligned schemes. Each compute
 warpgroup owns half of the N tile; partial tiles are stored with a ladder of power-of-two
 TMA stores so rows of the next group are never touched; the zero pseudo-group writes the
-padded rows past sum(group_sizes).
+padded rows past sum(group_sizes). x and the full-tile output buffer have two views
+(`_compat.row_aliased`): TMA copies reach any row through a row view, wgmma reads the 8-row
+tiled one (through it alone a tile had to start on a multiple of 8 rows, and a lead of up
+to 7 rows of the previous group cost 5 of 64 groups one more tile in the bench).
 
 gmm_swiglu: the same kernel with w's N = [gate | up]: each warpgroup takes 64 rows of the CTA
 tile and accumulates a gate and an up tile of 128 columns in two accumulators, whose SwiGLU
@@ -75,7 +78,9 @@ SHORT_K_STEPS = 32
 # Decode items are few per SM: letting the TMA warpgroup run on into the next item measured
 # 0.5-2.5% less device time at batch 1 (0 at batch 32), H100, bench_decode_gmm.py.
 DECODE = Tiling(tile_m=64, stages=4, steady=True)
-ALIGN = 8   # TMA into 8-row tiled shared memory needs row offsets divisible by 8
+# tgmm's chunks start on 8-row boundaries: its x rows (128 columns) span two swizzle rows, so
+# the row view of _compat.row_aliased does not apply there.
+ALIGN = 8
 # delay_release=1 (the next chunk's wgmma issues before the last one retires) measured within
 # the order-of-timing noise (+-3%) of 0 on the H100 at the A13B and Hy3 shapes: not the default.
 TGMM_DEFAULT = Tiling(tile_m=128, tile_n=128, tile_k=64, stages=4, epi_n=64)
@@ -160,20 +165,19 @@ def supports(x, w, *, transpose_rhs=False, tiling=None):
   return True, ""
 
 
-def _ladder_store(plgpu, pl, src_smem, dst_gmem, lead, rows, max_rows):
-  """Store rows [lead, rows) of src to dst with power-of-two TMA copies (static shapes).
+def _ladder_store(plgpu, pl, src_smem, dst_gmem, rows, max_rows):
+  """Store rows [0, rows) of src to dst with power-of-two TMA copies (static shapes).
 
   The copies form one bulk group, so a wait on store groups counts the ladder once.
   """
-  count = rows - lead
-  off = lead
+  off = 0
   size = 1 << (max_rows.bit_length() - 1)
   while size >= 1:
-    @pl.when((count & size) != 0)
+    @pl.when((rows & size) != 0)
     def _store(off=off, size=size):
       plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(off, size)], dst_gmem.at[pl.ds(off, size)],
                               commit_group=False)
-    off = off + (count & size)
+    off = off + (rows & size)
     size //= 2
   plgpu.commit_smem_to_gmem_group()
 
@@ -223,7 +227,7 @@ def gmm_swiglu(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, tiling=None, inter
 
 
 def _grouped_matmul(x_mk, w_ekn, group_sizes_e, t, out_dtype, transpose_rhs, swiglu=False):
-  sched = group_start_schedule(group_sizes_e, x_mk.shape[0], t.tile_m, zero_tail=True, align=ALIGN)
+  sched = group_start_schedule(group_sizes_e, x_mk.shape[0], t.tile_m, zero_tail=True)
   # The visits that hold rows come first (the real groups', then the zero pseudo-group's);
   # the persistent loops stop there. Skipping the rest one by one costs a few scalar loads
   # each: ~2k empty items at batch-1 decode.
@@ -241,7 +245,7 @@ def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=N
   """
   del interpret
   t = _tiling_or_raise("gmv", x_mk, w_ekn, transpose_rhs, tiling)
-  sched = row_schedule(experts_m, align=ALIGN)
+  sched = row_schedule(experts_m)
   counts = jnp.full((2,), sched.group_v.shape[0], jnp.int32)
   return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs)
 
@@ -262,12 +266,15 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
   n_out = n // parts
   cta_n = tn if swiglu else 2 * tn   # output columns of a CTA tile
   grid_n = n_out // cta_n
-  order = (item_table(sched, grid_n, t.group_window, tm, ALIGN),) if t.group_window else ()
+  order = (item_table(sched, grid_n, t.group_window, tm),) if t.group_window else ()
   k_iters = k // tk
-  x_tf = _compat.swizzle_transforms(tk, x_mk.dtype)
+  slots = min(t.stages, k_iters)   # the pipeline's x buffers; step kk uses slot kk % slots
+  # x and the full-tile output buffer: TMA through a row view (a tile starts at any row), wgmma
+  # and register stores through the 8-row tiled view of the same bytes (_compat.row_aliased).
+  x_tf = _compat.row_transforms(tk, x_mk.dtype)
   w_tf = _compat.swizzle_transforms(tk if transpose_rhs else cta_n, w_ekn.dtype)
   # Partial tiles need row-granular slices of the epilogue buffer: no swizzle there.
-  epi_n = min(t.epi_n, tn)
+  epi_n = min(t.epi_n, tn, 128 // out_dtype.itemsize)
   # Per-warpgroup share of the (tm, cta_n) CTA tile.
   split_m = t.wg_m or swiglu
   wg_rows, wg_cols_n = (tm // 2, cta_n) if split_m else (tm, tn)
@@ -289,31 +296,33 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
 
   ignore = lambda *_, **__: None
 
-  def body(counts_gmem, group_gmem, start_gmem, rows_gmem, lo_gmem, *refs):
+  def body(counts_gmem, group_gmem, start_gmem, rows_gmem, *refs):
     *order_gmem, x_gmem, w_gmem, o_gmem = refs
     computed, held = counts_gmem[0], counts_gmem[1]
     fake_x = x_gmem.at[pl.ds(0, tm)]
     fake_w = (w_gmem.at[0, pl.ds(0, cta_n), :] if transpose_rhs
               else w_gmem.at[0, :, pl.ds(0, cta_n)])
 
+    allocs = pipeline(ignore, ignore).get_allocations(fake_x, *[fake_w] * parts)
+    in_smem = list(allocs["flat_in_smem_refs"])
+    in_smem[0] = _compat.row_aliased(in_smem[0].shape, x_mk.dtype)
+
     @functools.partial(
         pl.run_scoped,
-        allocs=pipeline(ignore, ignore).get_allocations(fake_x, *[fake_w] * parts),
+        allocs={**allocs, "flat_in_smem_refs": in_smem},
         o_smem=plgpu.SMEM((2, wg_rows, epi_n), out_dtype),
-        o_swz=plgpu.SMEM((2, wg_rows, epi_n), out_dtype,
-                         transforms=_compat.swizzle_transforms(epi_n, out_dtype))
-        if t.swizzled_full else None,
+        o_swz=_compat.row_aliased((2, wg_rows, epi_n), out_dtype) if t.swizzled_full else None,
         collective_axes="wg")
     def _scope(allocs, o_smem, o_swz):
       wg = lax.axis_index("wg")
+      x_rows, x_tiled = allocs["flat_in_smem_refs"][0]
+      allocs = {**allocs, "flat_in_smem_refs": [x_rows, *allocs["flat_in_smem_refs"][1:]]}
 
       def visit(v):
-        return start_gmem[v], rows_gmem[v], lo_gmem[v]
+        return start_gmem[v], rows_gmem[v]
 
-      def item(ni, start, rows, lo):
+      def item(ni, row0, rows):
         """The visit's first row, and the epilogue that stores its N tile ni."""
-        row0 = pl.multiple_of(start, ALIGN)
-        lead = jnp.maximum(lo - row0, 0)
         r0 = wg * wg_rows if split_m else 0
         c0 = ni * cta_n + (0 if split_m else wg * tn)
         wg_cols = pl.ds(pl.multiple_of(c0, tn), wg_cols_n)
@@ -321,21 +330,19 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
         def epilogue(acc):
           if t.skip_epilogue:
             return
-          wg_lead = jnp.clip(lead - r0, 0, wg_rows)
           wg_end = jnp.clip(rows - r0, 0, wg_rows)
-          full = (wg_lead == 0) & (wg_end == wg_rows)
+          full = wg_end == wg_rows
           for c in range(chunks):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # buffers free again
             part = acc[:, c * epi_n:(c + 1) * epi_n]
-            dst = o_gmem.at[pl.ds(pl.multiple_of(row0 + r0, ALIGN), wg_rows),
-                            wg_cols].at[:, pl.ds(c * epi_n, epi_n)]
+            dst = o_gmem.at[pl.ds(row0 + r0, wg_rows), wg_cols].at[:, pl.ds(c * epi_n, epi_n)]
             # Index the buffers, never slice their rows: a row slice measured ~8% slower.
             plain = o_smem.at[wg]
 
             def partial(part=part, dst=dst, plain=plain):
               plain[...] = part
               plgpu.commit_smem()
-              _ladder_store(plgpu, pl, plain, dst, wg_lead, wg_end, wg_rows)
+              _ladder_store(plgpu, pl, plain, dst, wg_end, wg_rows)
 
             if not t.swizzled_full:
               partial()
@@ -343,10 +350,10 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
 
             @pl.when(full)
             def _full(part=part, dst=dst):
-              swz = o_swz.at[wg]
-              swz[...] = part
+              o_rows, o_tiled = o_swz
+              o_tiled.at[wg][...] = part
               plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(swz, dst)
+              plgpu.copy_smem_to_gmem(o_rows.at[wg], dst)
 
             pl.when(~full)(partial)
 
@@ -386,8 +393,9 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
               else:
                 epilogue(acc_refs[0][...].astype(out_dtype))
 
-        def mma(_, x_smem, *w_smems_and_accs):
+        def mma(idx, _, *w_smems_and_accs):
           *w_smems, acc_refs = w_smems_and_accs
+          x_smem = x_tiled.at[idx[0] % slots]   # the slot the pipeline loaded through x_rows
           for w_smem, acc_ref in zip(w_smems, acc_refs):
             if split_m:
               a = x_smem.at[pl.ds(pl.multiple_of(wg * wg_rows, wg_rows), wg_rows)]
@@ -432,8 +440,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
       body, out_type=jax.ShapeDtypeStruct((m, n_out), out_dtype),
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=_compiler_params(plgpu, t))
-  return kernel(counts, sched.group_v, sched.start_v, sched.rows_v, sched.lo_v, *order, x_mk,
-                w_ekn)
+  return kernel(counts, sched.group_v, sched.start_v, sched.rows_v, *order, x_mk, w_ekn)
 
 
 def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=False):

@@ -49,36 +49,31 @@ def _expand(tiles_g, num_visits):
   return g, j, valid
 
 
-def group_start_schedule(group_sizes_e, m, tm, *, zero_tail=True, align=1) -> Schedule:
+def group_start_schedule(group_sizes_e, m, tm, *, zero_tail=True) -> Schedule:
   """V = cdiv(m, tm) + G visits; group G covers rows [sum(sizes), m) with zeros.
 
-  align: tile starts are rounded down to a multiple of it (the GPU kernel's TMA copies
-  into 8-row tiled shared memory need it); the first tile of a group then begins with up
-  to align-1 rows of the previous group, which the consumer skips (rows [lo_v - start_v, rows_v)).
-  rows_v counts from start_v, so the rows to write are max(lo_v - start_v, 0) .. rows_v.
+  A visit writes rows [start_v, start_v + rows_v).
   """
   num_groups = group_sizes_e.shape[0]
   starts, ends = group_bounds(group_sizes_e, m)
   pad = (m - ends[-1]) if zero_tail else jnp.int32(0)
   starts = jnp.concatenate([starts, ends[-1:]])
   ends = jnp.concatenate([ends, ends[-1:] + pad])
-  first = starts // align * align
-  tiles_g = jnp.where(ends > starts, cdiv(ends - first, tm), 0)
+  tiles_g = jnp.where(ends > starts, cdiv(ends - starts, tm), 0)
   g, j, valid = _expand(tiles_g, cdiv(m, tm) + num_groups)
-  start_v = first[g] + j * tm
+  start_v = starts[g] + j * tm
   rows_v = jnp.where(valid, jnp.clip(ends[g] - start_v, 0, tm), 0)
   return Schedule(g, jnp.where(valid, start_v, 0), rows_v, starts[g], ends[g])
 
 
-def row_schedule(experts_m, *, align=1) -> Schedule:
+def row_schedule(experts_m) -> Schedule:
   """One visit per row r = 0..M-1, group experts[r]: rows that each name their own expert.
 
   No sort: for a decode token's top-k experts (distinct), the slot order is fine as it is.
-  A visit starts at r rounded down to `align` and writes row r alone (rows [lo - start, rows)).
+  A visit starts at row r and writes it alone.
   """
   rows = jnp.arange(experts_m.shape[0], dtype=jnp.int32)
-  start = rows // align * align
-  return Schedule(experts_m.astype(jnp.int32), start, rows + 1 - start, rows, rows + 1)
+  return Schedule(experts_m.astype(jnp.int32), rows, jnp.ones_like(rows), rows, rows + 1)
 
 
 def aligned_schedule(group_sizes_e, m, tm, *, zero_tail=False, visit_empty=False) -> Schedule:
@@ -110,9 +105,9 @@ def aligned_schedule(group_sizes_e, m, tm, *, zero_tail=False, visit_empty=False
   return Schedule(jnp.where(valid, g, g[last]), start_v, rows_v, lo_v, hi_v)
 
 
-def item_table(sched: Schedule, grid_n, width, tm, align):
+def item_table(sched: Schedule, grid_n, width, tm):
   """Work item -> visit * grid_n + N tile, int32 [V * grid_n]: the GPU gmm's item order, for a
-  `group_start_schedule(..., tm, align=align)`.
+  `group_start_schedule(..., tm)`.
 
   Windows of at most `width` visits of one group, counted from the group's first visit, in visit
   order; inside a window a snake over its visits for each N tile, so consecutive items (on
@@ -122,9 +117,8 @@ def item_table(sched: Schedule, grid_n, width, tm, align):
   +0.3-0.6%; reordering whole groups or windows by size changed nothing (+-0.3%). One XLA fusion
   from the schedule's own fields: scans over the visits cost 0.5% of an A13B gmm."""
   num = sched.group_v.shape[0]
-  first = sched.lo_v // align * align
-  tile = (sched.start_v - first) // tm        # the visit's tile inside its group
-  tiles = cdiv(sched.hi_v - first, tm)
+  tile = (sched.start_v - sched.lo_v) // tm   # the visit's tile inside its group
+  tiles = cdiv(sched.hi_v - sched.lo_v, tm)
   lin = jnp.arange(num * grid_n, dtype=jnp.int32)
   u = lin // grid_n
   j, offset = tile[u], tile[u] % width
