@@ -352,6 +352,8 @@ def test_gpu_kernels_lower_for_cuda_on_cpu(monkeypatch):
   cases = [(lambda x, w, g: gpu.gmm(x, w, g), spec(512, 256), spec(4, 256, 512), spec(4, dt=jnp.int32)),
            (lambda x, w, g: gpu.gmm(x, w, g, transpose_rhs=True), spec(512, 256), spec(4, 512, 256),
             spec(4, dt=jnp.int32)),
+           (lambda x, w, g: gpu.gmm(x, w, g, out_dtype=jnp.float32), spec(512, 256),
+            spec(4, 256, 512), spec(4, dt=jnp.int32)),
            (lambda x, w, ex: kp.gmv(x, w, ex, backend="gpu"), spec(8, 256), spec(64, 256, 512),
             spec(8, dt=jnp.int32)),
            (lambda x, dy, g: gpu.tgmm(x, dy, g), spec(512, 256), spec(512, 256), spec(4, dt=jnp.int32)),
@@ -369,7 +371,8 @@ def _variant_tilings():
   from kernels_pallas.gmm import gpu
   d = gpu.DEFAULT
   return [d, dataclasses.replace(d, steady=True), dataclasses.replace(d, swizzled_full=False),
-          dataclasses.replace(d, prefetch=False), dataclasses.replace(d, group_window=0)]
+          dataclasses.replace(d, prefetch=False), dataclasses.replace(d, group_window=0),
+          dataclasses.replace(d, steady=True, half_tail=True)]
 
 
 VARIANT_TILINGS = _variant_tilings()
@@ -378,7 +381,7 @@ VARIANT_TILINGS = _variant_tilings()
 @pytest.mark.gpu
 @pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("tiling", VARIANT_TILINGS, ids=["default", "steady", "plain_epilogue", "no_prefetch",
-                                                        "planar_snake"])
+                                                        "planar_snake", "steady_half_tail"])
 def test_gpu_tiling_variants(tiling):
   """128-row tiles: partial last tiles, groups starting off the 8-row grid, empty groups, padded
   rows; K = 768 (12 steps: a steady pipeline at 3 stages)."""
@@ -393,6 +396,20 @@ def test_gpu_tiling_variants(tiling):
   assert_close(dx, oracle(dy, w, gs, transpose_rhs=True), 1e-2, "dx")
   for out in (y, dx):
     assert not np.any(np.asarray(out, np.float32)[sum(gs):]), "padded rows must be 0"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
+def test_gpu_f32_output():
+  """fp32 outputs: the full-tile store's 128-byte rows hold 32 columns (epi_n 32), tiles at any row."""
+  from kernels_pallas.gmm import gpu
+  m, k, n = 1024, 256, 512
+  gs = [0, 70, 129, 1, 300, 65, 0, 37]   # 422 padded rows
+  x, w, _ = inputs(72, m, k, n, len(gs), jnp.bfloat16)
+  y = jax.jit(lambda x, w: gpu.gmm(x, w, jnp.asarray(gs, jnp.int32), out_dtype=jnp.float32))(x, w)
+  assert y.dtype == jnp.float32
+  assert_close(y, oracle(x, w, gs), 1e-5, "gmm fp32 out")   # fp32 accumulation, no bf16 rounding
+  assert not np.any(np.asarray(y)[sum(gs):]), "padded rows must be 0"
 
 
 @pytest.mark.gpu

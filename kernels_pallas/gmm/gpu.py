@@ -54,6 +54,8 @@ class Tiling:
   wg_m: bool = False       # split the CTA tile between the warpgroups along M (m64n256 wgmma)
   steady: bool = False     # the TMA warpgroup runs on into the next item (when K steps % stages == 0)
   prefetch: bool = False   # load the next item's schedule entries while this item runs
+  half_tail: bool = False  # tiles of at most tile_m/2 rows run a second pipeline copy whose wgmma
+                           # covers the top half only (not with wg_m or swiglu)
   group_window: int = 0    # > 0: item order by windows of this many visits inside one group,
                            # read from schedule.item_table (0: planar snake computed in the kernel)
   profile_space: int = 0   # DEBUG: trace ranges per warpgroup (in shared memory) for Mosaic's
@@ -73,7 +75,10 @@ DEFAULT = Tiling(stages=3, grid_minor=0, grid_width=8, prefetch=True, group_wind
 # the pipeline fill: running the TMA warpgroup on into the next item took Hy3 down fwd 544.7 ->
 # 558.9 TFLOP/s (H100, seventeenth session); at 48 steps (A13B down) it was within 0.5%, at 96
 # (A13B up dx) 1.3% slower.
-SHORT_K = dataclasses.replace(DEFAULT, steady=True)
+# half_tail (eighteenth session, H100, device time, two A/B runs): Hy3 down fwd +2.7-3.1%; with
+# 48-64 K steps it cost 1.5-5% (A13B up / down, Hy3 up fwd), the second pipeline copy slowing
+# every item, so only here. A 64-row tile everywhere (tile_m=64) was 8-20% slower at all shapes.
+SHORT_K = dataclasses.replace(DEFAULT, steady=True, half_tail=True)
 SHORT_K_STEPS = 32
 # Decode items are few per SM: letting the TMA warpgroup run on into the next item measured
 # 0.5-2.5% less device time at batch 1 (0 at batch 32), H100, bench_decode_gmm.py.
@@ -371,6 +376,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
       def run_item(info, sched):
         ni, g, *rest = sched
         row0, epilogue = item(ni, *rest)
+        short = rest[1] <= tm // 2   # rows: a group's last tile, half empty or more
         g = jnp.minimum(g, num_groups - 1)
         w_cta = [w_gmem.at[g, pl.ds(ni * cta_n, cta_n), :] if transpose_rhs
                  else w_gmem.at[g, :, pl.ds(p * n_out + ni * cta_n, cta_n)] for p in range(parts)]
@@ -393,7 +399,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
               else:
                 epilogue(acc_refs[0][...].astype(out_dtype))
 
-        def mma(idx, _, *w_smems_and_accs):
+        def mma(idx, _, *w_smems_and_accs, top_only=False):
           *w_smems, acc_refs = w_smems_and_accs
           x_smem = x_tiled.at[idx[0] % slots]   # the slot the pipeline loaded through x_rows
           for w_smem, acc_ref in zip(w_smems, acc_refs):
@@ -405,11 +411,21 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
               half = pl.ds(pl.multiple_of(wg * tn, tn), tn)
               b = (plgpu.transpose_ref(w_smem.at[half, :], (1, 0)) if transpose_rhs
                    else w_smem.at[:, half])
+            if top_only:
+              top = pl.ds(0, tm // 2)
+              acc_ref, a = acc_ref.at[top], a.at[top]
             plgpu.wgmma(acc_ref, a, b)
           plgpu.wgmma_wait(t.delay_release)
           return acc_refs
 
-        pipeline(mma, ctx, state)(x_gmem.at[pl.ds(row0, tm)], *w_cta, allocations=allocs)
+        def launch(body):
+          pipeline(body, ctx, state)(x_gmem.at[pl.ds(row0, tm)], *w_cta, allocations=allocs)
+
+        if t.half_tail and not split_m:
+          pl.when(short)(lambda: launch(functools.partial(mma, top_only=True)))
+          pl.when(~short)(lambda: launch(mma))
+        else:
+          launch(mma)
 
       total = computed * grid_n
       if t.prefetch:   # the loads' latency hides behind the current item's pipeline
