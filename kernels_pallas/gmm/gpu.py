@@ -15,8 +15,8 @@ gmm_swiglu: the same kernel with w's N = [gate | up]: each warpgroup takes 64 ro
 tile and accumulates a gate and an up tile of 128 columns in two accumulators, whose SwiGLU
 the epilogue stores (half the output bytes; the [M, 2F] product is never written).
 
-gmv: the same kernel over `schedule.row_schedule`: one visit per row, each row its own
-expert (one token's top-k at decode), no sort.
+gmv: the same kernel with one visit per row, each row its own expert (one token's top-k at
+decode): no sort and no schedule arrays (visit v is row v), so no XLA kernels in front of it.
 
 The persistent loop stops at the visits that hold rows (a traced count): walking the empty
 static visits cost ~0.05 ms per batch-1 call. The zero pseudo-group's tiles get a loop of
@@ -35,8 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas import _compat
-from kernels_pallas.gmm.schedule import (cdiv, group_bounds, group_start_schedule, item_table,
-                                         row_schedule)
+from kernels_pallas.gmm.schedule import cdiv, group_bounds, group_start_schedule, item_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +238,8 @@ def _grouped_matmul(x_mk, w_ekn, group_sizes_e, t, out_dtype, transpose_rhs, swi
   held = sched.rows_v > 0
   counts = jnp.stack([jnp.sum(held & (sched.group_v < w_ekn.shape[0]), dtype=jnp.int32),
                       jnp.sum(held, dtype=jnp.int32)])
-  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu)
+  return _visit_matmul(x_mk, w_ekn, sched.group_v, sched, counts, t, out_dtype, transpose_rhs,
+                       swiglu)
 
 
 def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=None,
@@ -250,15 +250,17 @@ def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=N
   """
   del interpret
   t = _tiling_or_raise("gmv", x_mk, w_ekn, transpose_rhs, tiling)
-  sched = row_schedule(experts_m)
-  counts = jnp.full((2,), sched.group_v.shape[0], jnp.int32)
-  return _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs)
+  # The visit arrays of one visit per row were 4 iota / broadcast kernels per decode layer
+  # (~7 us on the H100): the kernel derives them from the visit index instead.
+  return _visit_matmul(x_mk, w_ekn, experts_m.astype(jnp.int32), None, None, t, out_dtype,
+                       transpose_rhs)
 
 
-def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swiglu=False):
-  """The kernel: for each visit that holds rows and each N tile.
+def _visit_matmul(x_mk, w_ekn, group_v, sched, counts, t, out_dtype, transpose_rhs, swiglu=False):
+  """The kernel: for each visit that holds rows and each N tile; visit v is of group group_v[v].
 
   counts = [visits of real groups, + the zero pseudo-group's]: those visits come first.
+  sched = counts = None: one visit per row (gmv), visit v writes row v alone.
   swiglu: w's N holds [gate | up]; the output is silu(gate) * up, N / 2 wide.
   """
   m, k = x_mk.shape
@@ -271,7 +273,8 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
   n_out = n // parts
   cta_n = tn if swiglu else 2 * tn   # output columns of a CTA tile
   grid_n = n_out // cta_n
-  order = (item_table(sched, grid_n, t.group_window, tm),) if t.group_window else ()
+  per_row = sched is None
+  order = (item_table(sched, grid_n, t.group_window, tm),) if t.group_window and not per_row else ()
   k_iters = k // tk
   slots = min(t.stages, k_iters)   # the pipeline's x buffers; step kk uses slot kk % slots
   # x and the full-tile output buffer: TMA through a row view (a tile starts at any row), wgmma
@@ -301,9 +304,14 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
 
   ignore = lambda *_, **__: None
 
-  def body(counts_gmem, group_gmem, start_gmem, rows_gmem, *refs):
+  def body(*refs):
+    if per_row:
+      group_gmem, *refs = refs
+      computed = held = group_v.shape[0]
+    else:
+      counts_gmem, group_gmem, start_gmem, rows_gmem, *refs = refs
+      computed, held = counts_gmem[0], counts_gmem[1]
     *order_gmem, x_gmem, w_gmem, o_gmem = refs
-    computed, held = counts_gmem[0], counts_gmem[1]
     fake_x = x_gmem.at[pl.ds(0, tm)]
     fake_w = (w_gmem.at[0, pl.ds(0, cta_n), :] if transpose_rhs
               else w_gmem.at[0, :, pl.ds(0, cta_n)])
@@ -324,7 +332,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
       allocs = {**allocs, "flat_in_smem_refs": [x_rows, *allocs["flat_in_smem_refs"][1:]]}
 
       def visit(v):
-        return start_gmem[v], rows_gmem[v]
+        return (v, jnp.int32(1)) if per_row else (start_gmem[v], rows_gmem[v])
 
       def item(ni, row0, rows):
         """The visit's first row, and the epilogue that stores its N tile ni."""
@@ -441,8 +449,7 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
         def _items(info):
           run_item(info, schedule(info.index[0]))
 
-      @plgpu.nd_loop(((held - computed) * grid_n,), collective_axes="sm")
-      def _zero_items(info):   # padded rows past sum(group_sizes)
+      def zero_item(info):   # padded rows past sum(group_sizes)
         _, epilogue = item(info.index[0] % grid_n, *visit(computed + info.index[0] // grid_n))
 
         @pl.when(wg < 2)
@@ -450,13 +457,17 @@ def _visit_matmul(x_mk, w_ekn, sched, counts, t, out_dtype, transpose_rhs, swigl
           epilogue(plgpu.layout_cast(jnp.zeros((wg_rows, wg_cols_n), out_dtype),
                                      plgpu.Layout.WGMMA))
 
+      if not per_row:   # gmv leaves rows past its visits unwritten
+        plgpu.nd_loop(((held - computed) * grid_n,), collective_axes="sm")(zero_item)
+
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   kernel = _compat.mgpu_kernel(
       body, out_type=jax.ShapeDtypeStruct((m, n_out), out_dtype),
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=_compiler_params(plgpu, t))
-  return kernel(counts, sched.group_v, sched.start_v, sched.rows_v, *order, x_mk, w_ekn)
+  visits = (group_v,) if per_row else (counts, group_v, sched.start_v, sched.rows_v)
+  return kernel(*visits, *order, x_mk, w_ekn)
 
 
 def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=False):

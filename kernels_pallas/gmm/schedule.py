@@ -66,16 +66,6 @@ def group_start_schedule(group_sizes_e, m, tm, *, zero_tail=True) -> Schedule:
   return Schedule(g, jnp.where(valid, start_v, 0), rows_v, starts[g], ends[g])
 
 
-def row_schedule(experts_m) -> Schedule:
-  """One visit per row r = 0..M-1, group experts[r]: rows that each name their own expert.
-
-  No sort: for a decode token's top-k experts (distinct), the slot order is fine as it is.
-  A visit starts at row r and writes it alone.
-  """
-  rows = jnp.arange(experts_m.shape[0], dtype=jnp.int32)
-  return Schedule(experts_m.astype(jnp.int32), rows, jnp.ones_like(rows), rows, rows + 1)
-
-
 def aligned_schedule(group_sizes_e, m, tm, *, zero_tail=False, visit_empty=False) -> Schedule:
   """Visits on tile-aligned row blocks (start_v = block * tm), in group then block order.
 
