@@ -117,37 +117,49 @@ def test_tpu_kernel_small_tiles():
 
 
 @pytest.mark.parametrize("width", [1, 5, 16])
-def test_item_table_orders_every_item_once(width):
-  """The GPU gmm's item order: each (visit, N tile) exactly once; windows of at most `width`
-  visits of one group from the group's first visit, in visit order; each window one N tile at a
-  time (a snake over its visits); a group's next window starts on the N tile the last one ended."""
-  from kernels_pallas.gmm.schedule import group_start_schedule, item_table
+def test_item_order_visits_every_item_once(width):
+  """The GPU gmm's schedule from `group_offsets` alone: each (visit, N tile) exactly once, with the
+  visit's rows as in `group_start_schedule`; windows of at most `width` visits of one group from
+  the group's first visit, in visit order; each window one N tile at a time (a snake over its
+  visits); a group's next window starts on the N tile the last one ended."""
+  from kernels_pallas.gmm.schedule import group_offsets, group_start_schedule, item_of, visit_of
   rng = np.random.default_rng(width)
   sizes = rng.multinomial(3000, rng.dirichlet(np.ones(12))).astype(np.int32)
   sizes[3] = 0
-  sched = group_start_schedule(jnp.asarray(sizes), 3200, 128, zero_tail=True)
-  group = np.asarray(sched.group_v)
-  computed = int(np.sum((np.asarray(sched.rows_v) > 0) & (group < 12)))
-  grid_n = 5
-  packed = np.asarray(item_table(sched, grid_n, width, 128))[:computed * grid_n]
-  v, ni = packed // grid_n, packed % grid_n
+  m, tm, grid_n = 3200, 128, 5
+  offsets = group_offsets(jnp.asarray(sizes), m, tm)
+  load = lambda r, i: offsets[r, i]
+  entries = offsets.shape[1]
+  computed, held = int(offsets[1, 12]), int(offsets[1, 13])
+  sched = group_start_schedule(jnp.asarray(sizes), m, tm, zero_tail=True)
+  v_all = jnp.arange(held)
+  g_v, start_v, rows_v = (np.asarray(a) for a in jax.vmap(lambda v: visit_of(v, load, entries, tm))(v_all))
+  np.testing.assert_array_equal(g_v, np.asarray(sched.group_v)[:held])
+  np.testing.assert_array_equal(start_v, np.asarray(sched.start_v)[:held])
+  np.testing.assert_array_equal(rows_v, np.asarray(sched.rows_v)[:held])
+  assert (g_v[:computed] < 12).all() and (g_v[computed:] == 12).all()
+  lin = jnp.arange(computed * grid_n)
+  ni, g, start, _ = (np.asarray(a) for a in
+                     jax.vmap(lambda i: item_of(i, load, entries, grid_n, width, tm))(lin))
+  v = np.asarray(offsets[1])[g] + (start - np.asarray(offsets[0])[g]) // tm
   assert sorted(zip(v.tolist(), ni.tolist())) == [(a, b) for a in range(computed)
                                                   for b in range(grid_n)]
+  group = g_v
   windows, first = [], 0      # the oracle: each group's visits in runs of `width`
   for u in range(1, computed + 1):
     if u == computed or group[u] != group[first]:
       windows += [(s, min(width, u - s)) for s in range(first, u, width)]
       first = u
-  lin = 0
+  pos = 0
   for s, c in windows:
-    items = slice(lin, lin + c * grid_n)
+    items = slice(pos, pos + c * grid_n)
     cols, rows = ni[items].reshape(grid_n, c), v[items].reshape(grid_n, c)
     assert (cols == cols[:, :1]).all() and sorted(cols[:, 0]) == list(range(grid_n))
     assert all(sorted(r) == list(range(s, s + c)) for r in rows)
     assert (rows[1:, 0] == rows[:-1, -1]).all()     # the snake turns on the visit it ended on
-    if lin and group[v[lin - 1]] == group[s]:
-      assert ni[lin] == ni[lin - 1]                 # a group's windows meet on one N tile
-    lin += c * grid_n
+    if pos and group[v[pos - 1]] == group[s]:
+      assert ni[pos] == ni[pos - 1]                 # a group's windows meet on one N tile
+    pos += c * grid_n
 
 
 @pytest.mark.parametrize("m,tm,sizes", [(200, 16, [0, 37, 100, 0, 41]), (96, 32, [0, 0, 0]),

@@ -1,12 +1,12 @@
 """Grouped matmul on Hopper in Mosaic GPU: warp-specialised wgmma, TMA pipeline, persistent grid.
 
 gmm: one CTA = 2 compute warpgroups + 1 TMA warpgroup. A work item is (row tile of one
-group, N tile); the row tiles come from `schedule.group_start_schedule`, so a tile starts
-at its group's first row and only a group's last tile is
-partial: about G/2 wasted tiles instead of the G-1 of tile-aligned schemes. Each compute
-warpgroup owns half of the N tile; partial tiles are stored with a ladder of power-of-two
-TMA stores so rows of the next group are never touched; the zero pseudo-group writes the
-padded rows past sum(group_sizes). x and the full-tile output buffer have two views
+group, N tile); the kernel finds an item's tile from `schedule.group_offsets` (each group's
+first row and first visit: 2G + 4 numbers), so a tile starts at its group's first row and only a
+group's last tile is partial: about G/2 wasted tiles instead of the G-1 of tile-aligned schemes.
+Each compute warpgroup owns half of the N tile; partial tiles are stored with a ladder of
+power-of-two TMA stores so rows of the next group are never touched; the zero pseudo-group
+writes the padded rows past sum(group_sizes). x and the full-tile output buffer have two views
 (`_compat.row_aliased`): TMA copies reach any row through a row view, wgmma reads the 8-row
 tiled one (through it alone a tile had to start on a multiple of 8 rows, and a lead of up
 to 7 rows of the previous group cost 5 of 64 groups one more tile in the bench).
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas import _compat
-from kernels_pallas.gmm.schedule import cdiv, group_bounds, group_start_schedule, item_table
+from kernels_pallas.gmm.schedule import cdiv, group_bounds, group_offsets, item_of, visit_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Tiling:
   half_tail: bool = False  # tiles of at most tile_m/2 rows run a second pipeline copy whose wgmma
                            # covers the top half only (not with wg_m or swiglu)
   group_window: int = 0    # > 0: item order by windows of this many visits inside one group,
-                           # read from schedule.item_table (0: planar snake computed in the kernel)
+                           # schedule.item_of (0: a planar snake over the visits)
   profile_space: int = 0   # DEBUG: trace ranges per warpgroup (in shared memory) for Mosaic's
   profile_dir: str = ""    # in-kernel profiler: "main" / "epilogue" per item (profile_gmm.py)
 
@@ -67,7 +67,7 @@ class Tiling:
 # group_window (sixteenth session, device time, bench's imbalanced groups): the planar snake's
 # fixed 8-visit windows straddle groups; windows inside one group took fwd A13B up / down
 # 709.8 / 700.0 -> 726.9 / 707.6 TFLOP/s at 16 (722.7 / 705.7 at 8), Hy3 +3.5-3.9%, dx +1-5%.
-# Seventeenth session: the N direction flips on every other window of a group (item_table),
+# Seventeenth session: the N direction flips on every other window of a group (item_of),
 # +0.3-0.6% at A13B up and down in two A/B runs.
 DEFAULT = Tiling(stages=3, grid_minor=0, grid_width=8, prefetch=True, group_window=16)
 # Items of at most 32 K steps (Hy3's down projection, K = 1536: 24 steps) spend a larger share in
@@ -231,15 +231,8 @@ def gmm_swiglu(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, tiling=None, inter
 
 
 def _grouped_matmul(x_mk, w_ekn, group_sizes_e, t, out_dtype, transpose_rhs, swiglu=False):
-  sched = group_start_schedule(group_sizes_e, x_mk.shape[0], t.tile_m, zero_tail=True)
-  # The visits that hold rows come first (the real groups', then the zero pseudo-group's);
-  # the persistent loops stop there. Skipping the rest one by one costs a few scalar loads
-  # each: ~2k empty items at batch-1 decode.
-  held = sched.rows_v > 0
-  counts = jnp.stack([jnp.sum(held & (sched.group_v < w_ekn.shape[0]), dtype=jnp.int32),
-                      jnp.sum(held, dtype=jnp.int32)])
-  return _visit_matmul(x_mk, w_ekn, sched.group_v, sched, counts, t, out_dtype, transpose_rhs,
-                       swiglu)
+  offsets = group_offsets(group_sizes_e, x_mk.shape[0], t.tile_m)
+  return _visit_matmul(x_mk, w_ekn, offsets, t, out_dtype, transpose_rhs, swiglu)
 
 
 def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=None,
@@ -252,15 +245,14 @@ def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, tiling=N
   t = _tiling_or_raise("gmv", x_mk, w_ekn, transpose_rhs, tiling)
   # The visit arrays of one visit per row were 4 iota / broadcast kernels per decode layer
   # (~7 us on the H100): the kernel derives them from the visit index instead.
-  return _visit_matmul(x_mk, w_ekn, experts_m.astype(jnp.int32), None, None, t, out_dtype,
-                       transpose_rhs)
+  return _visit_matmul(x_mk, w_ekn, experts_m.astype(jnp.int32), t, out_dtype, transpose_rhs)
 
 
-def _visit_matmul(x_mk, w_ekn, group_v, sched, counts, t, out_dtype, transpose_rhs, swiglu=False):
-  """The kernel: for each visit that holds rows and each N tile; visit v is of group group_v[v].
+def _visit_matmul(x_mk, w_ekn, visits, t, out_dtype, transpose_rhs, swiglu=False):
+  """The kernel: for each visit that holds rows and each N tile.
 
-  counts = [visits of real groups, + the zero pseudo-group's]: those visits come first.
-  sched = counts = None: one visit per row (gmv), visit v writes row v alone.
+  visits: `schedule.group_offsets` (int32 [2, G + 2]): the real groups' visits come first, then
+  the zero pseudo-group's; or, for gmv, the expert of each row (int32 [M]): visit v writes row v.
   swiglu: w's N holds [gate | up]; the output is silu(gate) * up, N / 2 wide.
   """
   m, k = x_mk.shape
@@ -273,8 +265,8 @@ def _visit_matmul(x_mk, w_ekn, group_v, sched, counts, t, out_dtype, transpose_r
   n_out = n // parts
   cta_n = tn if swiglu else 2 * tn   # output columns of a CTA tile
   grid_n = n_out // cta_n
-  per_row = sched is None
-  order = (item_table(sched, grid_n, t.group_window, tm),) if t.group_window and not per_row else ()
+  per_row = visits.ndim == 1
+  entries = visits.shape[-1]
   k_iters = k // tk
   slots = min(t.stages, k_iters)   # the pipeline's x buffers; step kk uses slot kk % slots
   # x and the full-tile output buffer: TMA through a row view (a tile starts at any row), wgmma
@@ -304,14 +296,12 @@ def _visit_matmul(x_mk, w_ekn, group_v, sched, counts, t, out_dtype, transpose_r
 
   ignore = lambda *_, **__: None
 
-  def body(*refs):
+  def body(visits_gmem, x_gmem, w_gmem, o_gmem):
+    load = lambda r, i: visits_gmem[r, i]
     if per_row:
-      group_gmem, *refs = refs
-      computed = held = group_v.shape[0]
-    else:
-      counts_gmem, group_gmem, start_gmem, rows_gmem, *refs = refs
-      computed, held = counts_gmem[0], counts_gmem[1]
-    *order_gmem, x_gmem, w_gmem, o_gmem = refs
+      computed = held = entries
+    else:   # the persistent loops stop at the visits that hold rows
+      computed, held = load(1, num_groups), load(1, num_groups + 1)
     fake_x = x_gmem.at[pl.ds(0, tm)]
     fake_w = (w_gmem.at[0, pl.ds(0, cta_n), :] if transpose_rhs
               else w_gmem.at[0, :, pl.ds(0, cta_n)])
@@ -330,9 +320,6 @@ def _visit_matmul(x_mk, w_ekn, group_v, sched, counts, t, out_dtype, transpose_r
       wg = lax.axis_index("wg")
       x_rows, x_tiled = allocs["flat_in_smem_refs"][0]
       allocs = {**allocs, "flat_in_smem_refs": [x_rows, *allocs["flat_in_smem_refs"][1:]]}
-
-      def visit(v):
-        return (v, jnp.int32(1)) if per_row else (start_gmem[v], rows_gmem[v])
 
       def item(ni, row0, rows):
         """The visit's first row, and the epilogue that stores its N tile ni."""
@@ -374,12 +361,12 @@ def _visit_matmul(x_mk, w_ekn, group_v, sched, counts, t, out_dtype, transpose_r
 
       def schedule(lin):
         """Item lin's N tile, expert and visit (scalar loads from global memory)."""
-        if order_gmem:   # schedule.item_table
-          packed = order_gmem[0][lin]
-          v, ni = packed // grid_n, packed % grid_n
-        else:
-          v, ni = plgpu.planar_snake(lin, (computed, grid_n), t.grid_minor, t.grid_width)
-        return (ni, group_gmem[v]) + visit(v)
+        if t.group_window and not per_row:
+          return item_of(lin, load, entries, grid_n, t.group_window, tm)
+        v, ni = plgpu.planar_snake(lin, (computed, grid_n), t.grid_minor, t.grid_width)
+        if per_row:
+          return ni, visits_gmem[v], v, jnp.int32(1)
+        return (ni,) + visit_of(v, load, entries, tm)
 
       def run_item(info, sched):
         ni, g, *rest = sched
@@ -450,7 +437,8 @@ def _visit_matmul(x_mk, w_ekn, group_v, sched, counts, t, out_dtype, transpose_r
           run_item(info, schedule(info.index[0]))
 
       def zero_item(info):   # padded rows past sum(group_sizes)
-        _, epilogue = item(info.index[0] % grid_n, *visit(computed + info.index[0] // grid_n))
+        _, start, rows = visit_of(computed + info.index[0] // grid_n, load, entries, tm)
+        _, epilogue = item(info.index[0] % grid_n, start, rows)
 
         @pl.when(wg < 2)
         def _zeros():
@@ -466,8 +454,7 @@ def _visit_matmul(x_mk, w_ekn, group_v, sched, counts, t, out_dtype, transpose_r
       body, out_type=jax.ShapeDtypeStruct((m, n_out), out_dtype),
       grid=(_compat.num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
       compiler_params=_compiler_params(plgpu, t))
-  visits = (group_v,) if per_row else (counts, group_v, sched.start_v, sched.rows_v)
-  return kernel(*visits, *order, x_mk, w_ekn)
+  return kernel(visits, x_mk, w_ekn)
 
 
 def tgmm(x_mk, dy_mn, group_sizes_e, *, out_dtype=None, tiling=None, interpret=False):

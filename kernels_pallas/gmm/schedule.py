@@ -95,27 +95,61 @@ def aligned_schedule(group_sizes_e, m, tm, *, zero_tail=False, visit_empty=False
   return Schedule(jnp.where(valid, g, g[last]), start_v, rows_v, lo_v, hi_v)
 
 
-def item_table(sched: Schedule, grid_n, width, tm):
-  """Work item -> visit * grid_n + N tile, int32 [V * grid_n]: the GPU gmm's item order, for a
-  `group_start_schedule(..., tm)`.
+def group_offsets(group_sizes_e, m, tm):
+  """int32 [2, G + 2]: per group, its first row (row 0) and its first visit (row 1; tiles of tm
+  rows from the group's first row, so only its last tile is partial), for the G groups and the
+  zero pseudo-group G over rows [sum(sizes), m); entry G + 1 closes the ranges.
+
+  The GPU gmm's whole schedule: its kernel finds an item's visit and group from these 2G + 4
+  numbers (`item_of`, `visit_of`). Building visit arrays in XLA took 9 small kernels, ~14 us
+  in front of an A13B gmm (eighteenth session)."""
+  starts, ends = group_bounds(group_sizes_e, m)
+  rows = jnp.concatenate([starts, ends[-1:], jnp.full((1,), m, jnp.int32)])
+  tiles = cdiv(rows[1:] - rows[:-1], tm)
+  visits = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(tiles, dtype=jnp.int32)])
+  return jnp.stack([rows, visits])
+
+
+def _group_of(u, load, num_entries):
+  """The group whose visits hold visit u: the last g with first visit <= u (binary search, so
+  empty groups, whose first visit equals the next group's, are skipped)."""
+  lo, hi = jnp.int32(0), jnp.int32(num_entries - 1)   # visits[lo] <= u < visits[hi]
+  for _ in range(max(1, (num_entries - 1).bit_length())):
+    mid = (lo + hi) // 2
+    below = load(1, mid) <= u
+    lo, hi = jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+  return lo
+
+
+def _rows_of(v, g, load, tm):
+  start = load(0, g) + (v - load(1, g)) * tm
+  return start, jnp.minimum(load(0, g + 1) - start, tm)
+
+
+def visit_of(v, load, num_entries, tm):
+  """Visit v -> (group, first row, rows) from `group_offsets`; load(r, i) reads entry [r, i]."""
+  g = _group_of(v, load, num_entries)
+  return (g,) + _rows_of(v, g, load, tm)
+
+
+def item_of(lin, load, num_entries, grid_n, width, tm):
+  """Work item lin -> (N tile, group, first row, rows): the GPU gmm's item order.
 
   Windows of at most `width` visits of one group, counted from the group's first visit, in visit
   order; inside a window a snake over its visits for each N tile, so consecutive items (on
   neighbouring SMs) share a weight slice, which stays in L2. The N direction flips on every
   other window of a group, so a window starts on the slice its predecessor ended on.
   H100 (sixteenth and seventeenth sessions): windows that straddle two groups cost ~6%; the flip
-  +0.3-0.6%; reordering whole groups or windows by size changed nothing (+-0.3%). One XLA fusion
-  from the schedule's own fields: scans over the visits cost 0.5% of an A13B gmm."""
-  num = sched.group_v.shape[0]
-  tile = (sched.start_v - sched.lo_v) // tm   # the visit's tile inside its group
-  tiles = cdiv(sched.hi_v - sched.lo_v, tm)
-  lin = jnp.arange(num * grid_n, dtype=jnp.int32)
+  +0.3-0.6%; reordering whole groups or windows by size changed nothing (+-0.3%)."""
   u = lin // grid_n
-  j, offset = tile[u], tile[u] % width
+  g = _group_of(u, load, num_entries)
+  first = load(1, g)
+  j = u - first                               # the visit's tile inside its group
+  offset = j % width
   start = u - offset                          # the window's first visit and its length
-  count = jnp.clip(tiles[u] - (j - offset), 1, width)
+  count = jnp.clip(load(1, g + 1) - first - (j - offset), 1, width)
   i = lin - start * grid_n
   ni, r = i // count, i % count
-  visit = jnp.clip(start + jnp.where(ni % 2 == 0, r, count - 1 - r), 0, num - 1)
-  flip = (j // width) % 2 == 1
-  return visit * grid_n + jnp.where(flip, grid_n - 1 - ni, ni)
+  visit = start + jnp.where(ni % 2 == 0, r, count - 1 - r)
+  ni = jnp.where((j // width) % 2 == 1, grid_n - 1 - ni, ni)
+  return (ni, g) + _rows_of(visit, g, load, tm)
