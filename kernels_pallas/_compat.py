@@ -59,6 +59,22 @@ def row_aliased(shape, dtype):
                         plgpu.SMEM(shape, dtype, transforms=swizzle_transforms(shape[-1], dtype)))
 
 
+def with_row_view_input(allocs, dtype):
+  """A warp-specialised pipeline's `get_allocations()` with its first input's buffer replaced by
+  `row_aliased` views (to pass to `pl.run_scoped`). The dict's keys are the pipeline's own
+  (jax 0.10-0.11); `split_row_view_input` undoes it inside the scope."""
+  refs = list(allocs["flat_in_smem_refs"])
+  refs[0] = row_aliased(refs[0].shape, dtype)
+  return {**allocs, "flat_in_smem_refs": refs}
+
+
+def split_row_view_input(allocs):
+  """Inside the scope: (allocations for the pipeline, which copies through the row view; the
+  tiled view of the first input's buffer, for wgmma)."""
+  (rows, tiled), *rest = allocs["flat_in_smem_refs"]
+  return {**allocs, "flat_in_smem_refs": [rows, *rest]}, tiled
+
+
 def mgpu_kernel(body, *, out_type, **kwargs):
   """plgpu.kernel with the output keyword this version takes (out_type since 0.10)."""
   _, plgpu = mgpu()

@@ -307,19 +307,16 @@ def _visit_matmul(x_mk, w_ekn, visits, t, out_dtype, transpose_rhs, swiglu=False
               else w_gmem.at[0, :, pl.ds(0, cta_n)])
 
     allocs = pipeline(ignore, ignore).get_allocations(fake_x, *[fake_w] * parts)
-    in_smem = list(allocs["flat_in_smem_refs"])
-    in_smem[0] = _compat.row_aliased(in_smem[0].shape, x_mk.dtype)
 
     @functools.partial(
         pl.run_scoped,
-        allocs={**allocs, "flat_in_smem_refs": in_smem},
+        allocs=_compat.with_row_view_input(allocs, x_mk.dtype),
         o_smem=plgpu.SMEM((2, wg_rows, epi_n), out_dtype),
         o_swz=_compat.row_aliased((2, wg_rows, epi_n), out_dtype) if t.swizzled_full else None,
         collective_axes="wg")
     def _scope(allocs, o_smem, o_swz):
       wg = lax.axis_index("wg")
-      x_rows, x_tiled = allocs["flat_in_smem_refs"][0]
-      allocs = {**allocs, "flat_in_smem_refs": [x_rows, *allocs["flat_in_smem_refs"][1:]]}
+      allocs, x_tiled = _compat.split_row_view_input(allocs)
 
       def item(ni, row0, rows):
         """The visit's first row, and the epilogue that stores its N tile ni."""
@@ -396,7 +393,7 @@ def _visit_matmul(x_mk, w_ekn, visits, t, out_dtype, transpose_rhs, swiglu=False
 
         def mma(idx, _, *w_smems_and_accs, top_only=False):
           *w_smems, acc_refs = w_smems_and_accs
-          x_smem = x_tiled.at[idx[0] % slots]   # the slot the pipeline loaded through x_rows
+          x_smem = x_tiled.at[idx[0] % slots]   # the slot the pipeline loaded (row view)
           for w_smem, acc_ref in zip(w_smems, acc_refs):
             if split_m:
               a = x_smem.at[pl.ds(pl.multiple_of(wg * wg_rows, wg_rows), wg_rows)]
