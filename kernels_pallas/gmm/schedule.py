@@ -1,13 +1,14 @@
 """Tile schedules for grouped matmul over rows sorted by group.
 
 Every backend walks a static-length list of row tiles ("visits"); the group sizes are
-traced, so the list is built in jnp and passed to the kernel as small int32 arrays.
+traced, so the list is built in jnp and passed to the kernel as small int32 arrays, or (the
+GPU gmm) derived inside the kernel from each group's first row and first visit.
 
 Two layouts:
-- `group_start_schedule`: each group's tiles start at the group's first row, so only a
-  group's last tile is partial (about G/2 wasted tiles); rows past sum(group_sizes) form
-  a pseudo-group that is written with zeros. Used by the GPU kernel (TMA copies take any
-  row offset) and the jnp reference.
+- group start: each group's tiles start at the group's first row, so only a group's last
+  tile is partial (about G/2 wasted tiles); rows past sum(group_sizes) form a pseudo-group
+  that is written with zeros. `group_start_schedule` as arrays (the jnp reference);
+  `group_offsets` + `item_of` / `visit_of` (the GPU gmm, whose TMA copies take any row).
 - `aligned_schedule`: tiles sit on multiples of tm and a tile shared by two groups is
   visited once per group (megablox); used where block indices must be tile-aligned (TPU).
 """
