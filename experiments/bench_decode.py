@@ -56,7 +56,7 @@ flags.DEFINE_integer("full_output_len", 14336, "Tencent's output length: sizes t
 flags.DEFINE_integer("kv_block", 256, "engine kv_block")
 flags.DEFINE_integer("timing_steps", 10, "timed repetitions of the decode step")
 flags.DEFINE_string("json_out", "", "write results here")
-flags.DEFINE_float("top_p", 1.0, "top-p of every request (< 1 adds the vocabulary sort to each step)")
+flags.DEFINE_float("top_p", 1.0, "top-p of every request (< 1 adds the top-k/top-p cuts to each step)")
 flags.DEFINE_bool("profile", False, "print the top device kernels of the decode step at full context")
 flags.DEFINE_integer("profile_top", 15, "kernels listed by --profile")
 flags.DEFINE_integer("tensor", 1, "tensor-parallel devices (heads, FFN width and KV heads split)")
@@ -137,7 +137,7 @@ def sampled(b: int) -> SamplingArrays:
 
 
 def sampling_params(**kw) -> SamplingParams:
-  """Temperature 1, and top-p where --top_p < 1 (the vocabulary sort then runs every step)."""
+  """Temperature 1, and top-p where --top_p < 1 (the top-k/top-p cuts then run every step)."""
   return SamplingParams(temperature=1.0, top_p=FLAGS.top_p, **kw)
 
 

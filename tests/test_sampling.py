@@ -114,6 +114,34 @@ def test_top_k_cut_keeps_ties_like_hf():
     assert out[0].astype(int).tolist() == kept, (top_k, top_p)
 
 
+def _sorted_cut_mask(x, k, p):
+  """The cuts as a sorted cumulative sum gives them (float64): the semantics the search keeps."""
+  xs = np.sort(x.astype(np.float64))[::-1]
+  k = min(k, len(x)) if k > 0 else len(x)
+  top = xs[:k]
+  probs = np.exp(top - top[0]) / np.exp(top - top[0]).sum()
+  before = np.cumsum(probs) - probs
+  n_keep = int(np.sum((before < p) | (np.arange(k) == 0))) if p < 1 else k
+  return x >= top[n_keep - 1]
+
+
+@pytest.mark.parametrize("rows", [4, 12])   # both pass widths of the radix descent
+def test_top_k_top_p_cuts_match_a_sorted_cumulative_sum(rows):
+  from hunyuan_jax.serve.sampling import _top_k_top_p_mask
+  rng = np.random.default_rng(rows)
+  for trial in range(6):
+    x = (rng.standard_normal((rows, 3000)) * rng.uniform(0.3, 8)).astype(np.float32)
+    if trial % 2:
+      x = np.round(x)   # many ties, the k-th value among them; -0.0 and 0.0 are one value
+    x[0, :5] = -3e38    # extreme negatives keep their order
+    k = rng.choice([0, 1, 7, 20, 400], size=rows).astype(np.int32)
+    p = rng.choice([1.0, 0.9, 0.8, 0.3, 0.05], size=rows).astype(np.float32)
+    got = np.asarray(jax.jit(_top_k_top_p_mask)(x, k, p))
+    for r in range(rows):
+      want = _sorted_cut_mask(x[r], int(k[r]), float(p[r]))
+      assert np.array_equal(got[r], want), (trial, r, k[r], p[r], got[r].sum(), want.sum())
+
+
 def test_sort_is_a_static_choice_and_rows_without_filters_draw_the_same():
   """No run-time branch (a GPU conditional waits on the host every step); skipping the sort
   where no row asks for top-k/top-p changes no token, and a row that does not ask is not

@@ -138,7 +138,7 @@ class Engine:
     self._ids = itertools.count()
     self._lock = threading.Lock()
     self._wake = threading.Event()
-    # top_k_top_p: whether the vocabulary sort runs (static, see sampling.needs_top_k_top_p): at
+    # top_k_top_p: whether the top-k/top-p cuts run (static, see sampling.needs_top_k_top_p): at
     # most two programs per kv_len.
     static = ("kv_len", "top_k_top_p")
     self._decode = jax.jit(self._on_mesh(self._decode_fn), static_argnames=static, donate_argnums=(1, 2))
