@@ -255,6 +255,19 @@ def test_gpu_moe_gradients_match_reference_ops(num_experts, monkeypatch):
     assert err < 2e-2, (jax.tree_util.keystr(path), err)
 
 
+def test_head_split_for_an_odd_vocabulary_gives_the_same_logits():
+  """Several rows and V % 8 != 0: the head runs as aligned rows + the rest (no padded copy of
+  the weight on GPU); every logit is still hidden . head row."""
+  cfg = tiny("a13b", num_layers=1, vocab_size=389)
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jnp.asarray([[3, 5, 7], [11, 13, 17]], jnp.int32)
+  with jax.default_matmul_precision("highest"):   # GPUs default to TF32 for f32 dots
+    out = _forward(params, tokens, jnp.broadcast_to(jnp.arange(3), (2, 3)), cfg=cfg)
+    want = jnp.einsum("btd,vd->btv", out.hidden, params["embed"])
+  assert out.logits.shape == (2, 3, 389)
+  np.testing.assert_allclose(out.logits, want, rtol=1e-5, atol=1e-6)
+
+
 def test_one_token_kv_projection_matches_einsum():
   """The batch-1 decode form of the K/V projection (two rows, four D-chunks summed in fp32)."""
   from hunyuan_jax.model.attention import _kv_projection
