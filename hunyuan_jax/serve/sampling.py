@@ -3,9 +3,10 @@
 Order (as vLLM and HF): penalties on the raw logits -> greedy rows take the argmax -> temperature
 -> top-k -> top-p (on the top-k-renormalised distribution) -> min-p -> categorical draw.
 A row with temperature 0 is greedy. top_k <= 0, top_p >= 1 and min_p <= 0 switch a filter off.
-The top-k/top-p cuts (passes over the vocabulary) are a static choice (`top_k_top_p`, see `needs_top_k_top_p`),
-not a `lax.cond`: on GPU a conditional copies its predicate to the host and waits for it, which
-stalled every batch-1 decode step (WORKSPACE_NOTES.md, Inference, ninth session).
+The top-k/top-p cuts (passes over the vocabulary) are a static choice (`top_k_top_p`, see
+`needs_top_k_top_p`), not a `lax.cond`: on GPU a conditional copies its predicate to the host
+and waits for it, which stalled every batch-1 decode step (WORKSPACE_NOTES.md, Inference, ninth
+session).
 Randomness is per row: key = fold_in(fold_in(key(0), seed), step), so a seeded request gives
 the same tokens whatever else is in the batch.
 """
