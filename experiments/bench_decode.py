@@ -24,6 +24,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The layer count fills the device, so the allocator must own its memory from the start: with
+# XLA_PYTHON_CLIENT_PREALLOCATE=false a 14-layer batch-1 run failed to grow its pool by 21 GiB.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
 from hunyuan_jax.xla_flags import use_decode_xla_flags  # noqa: E402
 
@@ -33,6 +35,7 @@ import dataclasses
 import gc
 import json
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +65,7 @@ flags.DEFINE_integer("profile_top", 15, "kernels listed by --profile")
 flags.DEFINE_integer("tensor", 1, "tensor-parallel devices (heads, FFN width and KV heads split)")
 flags.DEFINE_integer("expert", 1, "expert-parallel devices")
 FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def truncate_layers(cfg: ModelConfig, n: int) -> ModelConfig:
@@ -261,6 +265,9 @@ def main(_):
   mesh = make_mesh_for_serving(FLAGS.tensor, FLAGS.expert)
   n_dev = FLAGS.tensor * FLAGS.expert
   n_layers = FLAGS.layers or pick_layers(cfg, max(batches), max_len, n_dev)
+  if not FLAGS.layers and os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() == "false":
+    print("warning: XLA_PYTHON_CLIENT_PREALLOCATE=false and a layer count that fills the device can "
+          "run out of memory growing the pool; unset it or pass --layers", flush=True)
   cfg = truncate_layers(cfg, n_layers)
   dev = jax.devices()[0]
   print(f"device {n_dev} x {dev.device_kind} (mesh {dict(mesh.shape) if mesh else None}) | jax {jax.__version__} | "
@@ -297,7 +304,10 @@ def main(_):
     except jax.errors.JaxRuntimeError as e:   # report the batch that does not fit, go on
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      print(f"batch {b}: out of device memory ({str(e)[:200]})", flush=True)
+      here = [f for f in traceback.extract_tb(e.__traceback__) if REPO in f.filename][-3:]
+      print(f"batch {b}: out of device memory ({str(e)[:200]}) at "
+            + " <- ".join(f"{os.path.relpath(f.filename, REPO)}:{f.lineno}" for f in reversed(here)),
+            flush=True)
       eng = None
       gc.collect()
       continue
