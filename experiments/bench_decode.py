@@ -47,7 +47,7 @@ from hunyuan_jax.model import forward, init_params, moe_parallel
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve.engine import Engine, cache_bytes
 from hunyuan_jax.serve.loader import make_mesh_for_serving, random_params
-from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, sample
+from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, logprob_width, sample
 from profile_util import print_top, top_kernels
 
 flags.DEFINE_string("config", "a13b", "preset")
@@ -60,6 +60,7 @@ flags.DEFINE_integer("kv_block", 256, "engine kv_block")
 flags.DEFINE_integer("timing_steps", 10, "timed repetitions of the decode step")
 flags.DEFINE_string("json_out", "", "write results here")
 flags.DEFINE_float("top_p", 1.0, "top-p of every request (< 1 adds the top-k/top-p cuts to each step)")
+flags.DEFINE_integer("logprobs", None, "every request asks for its tokens' logprobs and this many top ones")
 flags.DEFINE_bool("profile", False, "print the top device kernels of the decode step at full context")
 flags.DEFINE_integer("profile_top", 15, "kernels listed by --profile")
 flags.DEFINE_integer("tensor", 1, "tensor-parallel devices (heads, FFN width and KV heads split)")
@@ -142,7 +143,7 @@ def sampled(b: int) -> SamplingArrays:
 
 def sampling_params(**kw) -> SamplingParams:
   """Temperature 1, and top-p where --top_p < 1 (the top-k/top-p cuts then run every step)."""
-  return SamplingParams(temperature=1.0, top_p=FLAGS.top_p, **kw)
+  return SamplingParams(temperature=1.0, top_p=FLAGS.top_p, logprobs=FLAGS.logprobs, **kw)
 
 
 def time_fn(fn, args_fn, steps):
@@ -191,8 +192,9 @@ def decode_step_time(eng: Engine, context: int, steps: int, profile: str = "") -
   eng.state = eng._set_rows(eng.state, active, pos, sp)._replace(tokens_b=jnp.asarray(tokens, jnp.int32))
 
   def run():
-    _, eng.cache, eng.state = eng._decode(eng.params, eng.cache, eng.state, kv_len=kv_len,
-                                          top_k_top_p=FLAGS.top_p < 1.0)
+    _, _, eng.cache, eng.state = eng._decode(eng.params, eng.cache, eng.state, kv_len=kv_len,
+                                             top_k_top_p=FLAGS.top_p < 1.0,
+                                             logprobs=logprob_width([sampling_params()]))
     return eng.state.tokens_b
   run()
   jax.block_until_ready(eng.state)

@@ -75,6 +75,38 @@ def test_cached_logits_equal_uncached(model, uncached_logits):
   np.testing.assert_allclose(np.concatenate(got), uncached_logits(ids), atol=2e-5, rtol=1e-5)
 
 
+def _log_softmax(x):
+  x = x.astype(np.float64)
+  return x - (np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True)) + x.max(-1, keepdims=True))
+
+
+def test_logprobs_match_the_uncached_distribution(engine, uncached_logits):
+  """Generated and prompt tokens' logprobs (and their top alternatives) are the log-softmax of the
+  uncached logits, across prefill chunks, next to a request that asks for none."""
+  prompt = _prompts(7, [37])[0]   # 3 prefill chunks of 16
+  ask = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+  r = engine.submit(prompt, ask)
+  plain = engine.submit(_prompts(8, [5])[0], GREEDY)
+  while not (r.done and plain.done):
+    engine.step()
+  assert plain.logprobs == [] and plain.prompt_logprobs == []
+  ids = prompt + r.output_ids
+  ref = _log_softmax(uncached_logits(ids))          # row j predicts ids[j + 1]
+  assert len(r.logprobs) == 5 and len(r.prompt_logprobs) == len(prompt) and r.prompt_logprobs[0] is None
+  for entries, first, width in ((r.prompt_logprobs[1:], 1, 2), (r.logprobs, len(prompt), 3)):
+    for j, e in enumerate(entries):
+      pos = first + j
+      assert e.token_id == ids[pos]
+      np.testing.assert_allclose(e.logprob, ref[pos - 1, ids[pos]], atol=2e-5)
+      top = np.argsort(-ref[pos - 1], kind="stable")[:width]
+      assert [t for t, _ in e.top] == top.tolist()
+      np.testing.assert_allclose([lp for _, lp in e.top], ref[pos - 1, top], atol=2e-5)
+  # greedy: each generated token is its position's most likely one
+  assert all(e.top[0][0] == e.token_id for e in r.logprobs)
+  assert all(len(e.top) == 0 for e in engine.generate([prompt], SamplingParams(
+      temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=0))[0].logprobs)
+
+
 def test_engine_greedy_matches_uncached_and_batching(engine, uncached_logits):
   """Requests joining at different steps (a slot reused, one crossing a kv bucket) each get their
   alone-greedy tokens."""

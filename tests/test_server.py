@@ -11,12 +11,14 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 
 from hunyuan_jax.chat import render_chat
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.model import init_params
+from hunyuan_jax.model import forward, init_params
 from hunyuan_jax.serve.engine import Delta, Engine, Request
 from hunyuan_jax.serve.sampling import SamplingParams
 from hunyuan_jax.serve.server import ServeContext, Server
@@ -117,6 +119,9 @@ BAD = [
     ({"messages": USER, "top_p": 5}, 400, "top_p", None),
     ({"messages": USER, "presence_penalty": 9}, 400, "presence_penalty", None),
     ({"messages": USER, "n": 2}, 400, "n", None),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
+    ({"messages": USER, "top_logprobs": 2}, 400, "top_logprobs", None),
+    ({"messages": USER, "logprobs": 3}, 400, "logprobs", None),
     ({"messages": USER, "tool_choice": "required", "tools": []}, 400, "tool_choice", None),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", None),
     ({"messages": USER, "chat_template_kwargs": {"enable_thinking": "yes"}}, 400, "chat_template_kwargs", None),
@@ -132,6 +137,77 @@ def test_bad_input_gets_error_json_and_server_keeps_serving(real, body, status, 
   assert set(err) == {"message", "type", "param", "code"} and err["message"]
   assert err["param"] == param and err["code"] == code
   assert _chat(client, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _uncached_logprobs(engine, ids):
+  """log-softmax of the no-cache forward: row j is the distribution of ids[j + 1]."""
+  out = forward(engine.params, jnp.asarray([ids]), jnp.arange(len(ids))[None], cfg=engine.cfg)
+  return _log_softmax(out.logits[0])
+
+
+def test_chat_logprobs_stream_equals_non_stream(real):
+  srv, client, submitted = real
+  full = _chat(client, logprobs=True, top_logprobs=3)
+  out_ids = submitted[-1].output_ids
+  content = full.choices[0].logprobs.content
+  assert len(content) == full.usage.completion_tokens == 12
+  for e in content:   # greedy: every token is its position's most likely one
+    assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+    assert e.top_logprobs[0].logprob == e.logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+    assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+  chunks = _chat(client, stream=True, logprobs=True, top_logprobs=3)
+  streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+  assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+  # the values are the model's: log-softmax of the uncached logits at each generated position
+  prompt = ByteTokenizer().encode(render_chat(USER, "tiny"))
+  ids = prompt + out_ids
+  ref = _uncached_logprobs(srv.ctx.engine, ids)
+  got = [e.logprob for e in content]
+  np.testing.assert_allclose(got, [ref[len(prompt) + j - 1, ids[len(prompt) + j]] for j in range(12)], atol=1e-4)
+  assert _chat(client).choices[0].logprobs is None
+
+
+def test_completions_echo_logprobs_as_lm_eval_asks(real):
+  """lm-evaluation-harness's loglikelihood request: echo, logprobs 1, max_tokens 1, temperature 0."""
+  srv, client, submitted = real
+  prompt = "The cat sat"
+  ask = dict(model="tiny", prompt=prompt, max_tokens=1, temperature=0.0, logprobs=1, echo=True,
+             extra_body={"ignore_eos": True})
+  full = client.completions.create(**ask).choices[0]
+  lp = full.logprobs
+  ids = ByteTokenizer().encode(prompt)
+  assert full.text.startswith(prompt) and len(lp.tokens) == len(ids) + 1
+  assert "".join(lp.tokens) == full.text and lp.text_offset[:3] == [0, 1, 2]
+  assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+  all_ids = ids + submitted[-1].output_ids
+  ref = _uncached_logprobs(srv.ctx.engine, all_ids)
+  np.testing.assert_allclose(lp.token_logprobs[1:], [ref[j - 1, all_ids[j]] for j in range(1, len(all_ids))],
+                             atol=1e-4)
+  assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+  assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())   # greedy
+  chunks = list(client.completions.create(stream=True, **ask))
+  assert "".join(c.choices[0].text for c in chunks) == full.text
+  streamed = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+  assert streamed == lp.token_logprobs
+  plain = client.completions.create(**{**ask, "logprobs": None}).choices[0]
+  assert plain.text == full.text and plain.logprobs is None
+
+
+def test_tokenize_counts_match_usage(real):
+  srv, client, _ = real
+  status, tok = _raw(srv, "POST", "/tokenize", {"model": "tiny", "messages": USER})
+  assert status == 200 and tok["count"] == len(tok["tokens"]) == _chat(client, max_tokens=1).usage.prompt_tokens
+  assert tok["max_model_len"] == MAX_LEN
+  assert _raw(srv, "POST", "/detokenize", {"tokens": tok["tokens"]}) == (200, {"prompt": render_chat(USER, "tiny")})
+  status, tok = _raw(srv, "POST", "/tokenize", {"prompt": "abc"})
+  assert tok["tokens"] == ByteTokenizer().encode("abc")
+  assert _raw(srv, "POST", "/detokenize", {"tokens": "abc"})[0] == 400
 
 
 def test_openai_client_raises_typed_errors(real):

@@ -35,9 +35,17 @@ from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.model import cache_logical_axes, forward, init_cache, moe_parallel, write_kv_rows
 from hunyuan_jax.model.attention import cache_read_in_place
 from hunyuan_jax.model.transformer import Transformer
-from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, needs_top_k_top_p, sample
+from hunyuan_jax.serve.sampling import (SamplingArrays, SamplingParams, logprob_width, needs_top_k_top_p, sample,
+                                        token_logprobs)
 
 DROP = 2**30  # a cache position past any buffer: the model's scatter drops the write
+
+
+class TokenLogprob(NamedTuple):
+  """A token's log-probability under the model, and the most likely tokens at its position."""
+  token_id: int
+  logprob: float
+  top: tuple        # ((id, logprob), ...), most likely first; as many as the request asked for
 
 
 @dataclasses.dataclass
@@ -46,6 +54,7 @@ class Delta:
   token_ids: list
   text: str
   finish_reason: Optional[str] = None   # "stop" | "length" | "abort"
+  logprobs: list = dataclasses.field(default_factory=list)   # TokenLogprob per token id, if asked
 
 
 @dataclasses.dataclass(eq=False)
@@ -55,6 +64,8 @@ class Request:
   id: str = ""
   output_ids: list = dataclasses.field(default_factory=list)
   text: str = ""
+  logprobs: list = dataclasses.field(default_factory=list)          # TokenLogprob per output id
+  prompt_logprobs: list = dataclasses.field(default_factory=list)   # per prompt id; [0] is None
   finish_reason: Optional[str] = None
   events: "queue.Queue[Delta]" = dataclasses.field(default_factory=queue.Queue)
   cancelled: bool = False
@@ -134,14 +145,15 @@ class Engine:
     self.slots: list[Optional[Request]] = [None] * b
     self._pos_host = np.zeros(b, np.int64)
     self._waiting: "queue.Queue[Request]" = queue.Queue()
-    self._pending: list = []                 # (device tokens, [(index, slot, request)]) not yet read
+    self._pending: list = []    # (device tokens, device logprobs or None, [(index, slot, request)]) not yet read
     self._ids = itertools.count()
     self._lock = threading.Lock()
     self._wake = threading.Event()
-    # top_k_top_p: whether the top-k/top-p cuts run (static, see sampling.needs_top_k_top_p): at
-    # most two programs per kv_len.
-    static = ("kv_len", "top_k_top_p")
-    self._decode = jax.jit(self._on_mesh(self._decode_fn), static_argnames=static, donate_argnums=(1, 2))
+    # top_k_top_p: whether the top-k/top-p cuts run (static, see sampling.needs_top_k_top_p);
+    # logprobs: None, or how many alternatives to return (sampling.logprob_width). A few programs
+    # per kv_len, each compiled the first time a mix of requests needs it.
+    static = ("kv_len", "top_k_top_p", "logprobs", "prompt_logprobs")
+    self._decode = jax.jit(self._on_mesh(self._decode_fn), static_argnames=static[:3], donate_argnums=(1, 2))
     self._prefill = jax.jit(self._on_mesh(self._prefill_fn), static_argnames=static, donate_argnums=(1, 2))
     self._set_rows = jax.jit(self._set_rows_fn, donate_argnums=(0,))
 
@@ -223,8 +235,8 @@ class Engine:
       self._pending = []
       if decoding:
         self._dispatch_decode(decoding)
-      for toks, rows in previous:
-        self._consume(np.asarray(toks), rows)
+      for toks, lps, rows in previous:
+        self._consume(np.asarray(toks), jax.tree.map(np.asarray, lps), rows)
 
   def _token_limit(self, r: Request) -> int:
     return min(r.params.max_tokens, self.max_len - len(r.prompt_ids))
@@ -292,23 +304,37 @@ class Engine:
       pos = np.full(c, DROP, np.int32)
       pos[:n] = np.arange(start, start + n)
       last = start + n == len(r.prompt_ids)
-      first_tok, self.cache, self.state = self._prefill(
-          self.params, self.cache, self.state, np.int32(i), toks, pos, np.int32(n - 1),
+      nxt = np.zeros(c, np.int32)    # the prompt token each position predicts
+      nxt[:n] = r.prompt_ids[start + 1:start + n + 1] + [0] * last
+      first_tok, lp, prompt_lp, self.cache, self.state = self._prefill(
+          self.params, self.cache, self.state, np.int32(i), toks, pos, nxt, np.int32(n - 1),
           np.bool_(start == 0), np.bool_(last), kv_len=self._kv_len(start + n),
-          top_k_top_p=needs_top_k_top_p([r.params]))
+          top_k_top_p=needs_top_k_top_p([r.params]), logprobs=logprob_width([r.params]),
+          prompt_logprobs=logprob_width([r.params], "prompt_logprobs"))
+      if prompt_lp is not None:   # a host read: only requests that ask for prompt logprobs wait on it
+        if start == 0:
+          r.prompt_logprobs = [None]
+        keep = n - last             # the last prompt position predicts the first output token
+        r.prompt_logprobs += _logprob_entries(jax.tree.map(np.asarray, prompt_lp), range(keep), nxt,
+                                              r.params.prompt_logprobs)
       r.prefilled = start + n
       if last:
         r.scheduled = 1
         self._pos_host[i] = len(r.prompt_ids)
         self._upload_rows()
-        self._pending.append((first_tok[None], [(0, i, r)]))
+        self._pending.append((first_tok[None], None if lp is None else jax.tree.map(lambda a: a[None], lp),
+                              [(0, i, r)]))
 
-  def _prefill_fn(self, params, cache, state: SlotState, slot, toks_c, pos_c, last_idx, is_first, is_last,
-                  *, kv_len, top_k_top_p):
+  def _prefill_fn(self, params, cache, state: SlotState, slot, toks_c, pos_c, next_c, last_idx, is_first,
+                  is_last, *, kv_len, top_k_top_p, logprobs, prompt_logprobs):
     row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)[:, :, :, :kv_len], cache)
     model = Transformer(self.cfg)
     h = model.apply({"params": params}, toks_c[None], pos_c[None], row, None, True)
     logits_1v = model.apply({"params": params}, h.hidden[:, last_idx][:, None], method=Transformer.logits)[:, 0]
+    prompt_lp = None
+    if prompt_logprobs is not None:
+      logits_cv = model.apply({"params": params}, h.hidden, method=Transformer.logits)[0]
+      prompt_lp = token_logprobs(logits_cv, next_c, prompt_logprobs)
     cache = _rows_to_cache(cache, h.kv_rows, pos_c[None], slot[None])
     cache = self._constrain(cache)
     v = self.cfg.vocab_size
@@ -318,26 +344,30 @@ class Engine:
     counts_v = jnp.where(is_first, 0, state.counts_bv[slot])
     sp_row = jax.tree.map(lambda a: a[slot][None], state.sp)
     tok = sample(logits_1v, sp_row, counts_v[None], prompt_v[None], top_k_top_p)[0]
+    lp = None
+    if logprobs is not None:
+      lp = jax.tree.map(lambda a: a[0], token_logprobs(logits_1v, tok[None], logprobs))
     counts_v = counts_v + (jax.nn.one_hot(tok, v, dtype=jnp.int32) * is_last)
     tokens_b = state.tokens_b.at[slot].set(jnp.where(is_last, tok, state.tokens_b[slot]))
     state = state._replace(tokens_b=tokens_b, counts_bv=state.counts_bv.at[slot].set(counts_v),
                            prompt_bv=state.prompt_bv.at[slot].set(prompt_v))
-    return tok, cache, self._pin_state(state)
+    return tok, lp, prompt_lp, cache, self._pin_state(state)
 
   # ---------------------------------------------------------------- decode
   def _dispatch_decode(self, decoding):
     kv_len = self._decode_kv_len(int(max(self._pos_host[i] for i, _ in decoding)) + 1)
-    toks, self.cache, self.state = self._decode(self.params, self.cache, self.state, kv_len=kv_len,
-                                                top_k_top_p=needs_top_k_top_p(self._sp_host))
+    toks, lps, self.cache, self.state = self._decode(
+        self.params, self.cache, self.state, kv_len=kv_len, top_k_top_p=needs_top_k_top_p(self._sp_host),
+        logprobs=logprob_width(self._sp_host))
     for i, r in decoding:
       self._pos_host[i] += 1
       r.scheduled += 1
     # A slot that reached its token limit must not run again: deactivate it before the next step.
     if any(r.scheduled >= self._token_limit(r) for _, r in decoding):
       self._upload_rows()
-    self._pending.append((toks, [(i, i, r) for i, r in decoding]))
+    self._pending.append((toks, lps, [(i, i, r) for i, r in decoding]))
 
-  def _decode_fn(self, params, cache, state: SlotState, *, kv_len, top_k_top_p):
+  def _decode_fn(self, params, cache, state: SlotState, *, kv_len, top_k_top_p, logprobs):
     b = self.max_slots
     pos_b = jnp.where(state.active_b, state.positions_b, DROP)
     # Attend over the used prefix only (kv_len bucket) unless the kernel reads the cache in place;
@@ -347,12 +377,13 @@ class Engine:
     cache = _rows_to_cache(cache, out.kv_rows, pos_b[:, None])
     cache = self._constrain(cache)
     tok_b = sample(out.logits[:, 0], state.sp, state.counts_bv, state.prompt_bv, top_k_top_p)
+    lps = None if logprobs is None else token_logprobs(out.logits[:, 0], tok_b, logprobs)
     act = state.active_b
     counts = state.counts_bv.at[jnp.arange(b), tok_b].add(act.astype(jnp.int32))
     sp = state.sp._replace(step=state.sp.step + act.astype(jnp.uint32))
     state = state._replace(tokens_b=jnp.where(act, tok_b, state.tokens_b),
                            positions_b=state.positions_b + act.astype(jnp.int32), sp=sp, counts_bv=counts)
-    return tok_b, cache, self._pin_state(state)
+    return tok_b, lps, cache, self._pin_state(state)
 
   def _on_mesh(self, fn):
     """Traces `fn` with the MoE layers dispatching per shard (their kernels run on local experts)."""
@@ -375,10 +406,12 @@ class Engine:
     return jax.lax.with_sharding_constraint(cache, self._cache_shardings)
 
   # ---------------------------------------------------------------- outputs
-  def _consume(self, toks_b: np.ndarray, rows):
+  def _consume(self, toks_b: np.ndarray, lps, rows):
     for j, i, r in rows:
       if r.done or self.slots[i] is not r:
         continue  # finished (or cancelled) while this step was in flight
+      if r.params.logprobs is not None:
+        r.logprobs += _logprob_entries(lps, [j], toks_b, r.params.logprobs)
       self._emit(r, int(toks_b[j]))
     for i, r in enumerate(self.slots):
       if r is not None and r.done:
@@ -401,12 +434,21 @@ class Engine:
       return self._finish(r, "length")
     hold = max((len(s) - 1 for s in p.stop), default=0)   # a stop string may still be forming
     safe = max(r._emitted, len(r.text) - hold)
-    r.events.put(Delta([tok], r.text[r._emitted:safe]))
+    r.events.put(Delta([tok], r.text[r._emitted:safe], logprobs=r.logprobs[-1:]))
     r._emitted = safe
 
   def _finish(self, r: Request, reason: str, flush: bool = True):
     if flush and r._decoder is not None:
       r.text += r._decoder.flush()
     r.finish_reason = reason
-    r.events.put(Delta(r.output_ids[-1:] if reason != "abort" else [], r.text[r._emitted:], reason))
+    last = slice(-1, None) if reason != "abort" else slice(0, 0)
+    r.events.put(Delta(r.output_ids[last], r.text[r._emitted:], reason, logprobs=r.logprobs[last]))
     r._emitted = len(r.text)
+
+
+def _logprob_entries(lps, rows, token_ids, width: int) -> list:
+  """Host arrays (chosen [N], top ids [N, W], top logprobs [N, W]) -> a TokenLogprob for each
+  row j in `rows` (its token token_ids[j]), with `width` alternatives."""
+  chosen, ids, top = lps
+  return [TokenLogprob(int(token_ids[j]), float(chosen[j]),
+                       tuple(zip(ids[j, :width].tolist(), top[j, :width].tolist()))) for j in rows]

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Optional
 
-from hunyuan_jax.serve.sampling import SamplingParams
+from hunyuan_jax.serve.sampling import MAX_LOGPROBS, SamplingParams
 
 
 class APIError(Exception):
@@ -25,8 +25,7 @@ class APIError(Exception):
 
 
 _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-_UNSUPPORTED = {"logprobs": (False, None), "top_logprobs": (None, 0), "n": (None, 1), "best_of": (None, 1),
-                "echo": (False, None), "suffix": (None, ""), "logit_bias": (None, {})}
+_UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})}
 
 
 def _number(body: dict, name: str, kind=float):
@@ -41,7 +40,41 @@ def _number(body: dict, name: str, kind=float):
   return kind(v)
 
 
-def sampling_from_body(body: dict, defaults: dict, prompt_len: int, max_len: int) -> SamplingParams:
+def _logprob_count(body: dict, name: str) -> Optional[int]:
+  n = _number(body, name, int)
+  if n is not None and not 0 <= n <= MAX_LOGPROBS:
+    raise APIError(400, f"'{name}' must be in [0, {MAX_LOGPROBS}], got {n}", name)
+  return n
+
+
+def _logprob_fields(body: dict, chat: bool) -> dict:
+  """OpenAI's two spellings -> SamplingParams.logprobs / prompt_logprobs.
+
+  Chat: `logprobs` true/false and `top_logprobs` (alternatives, needs logprobs true).
+  Completions: `logprobs` is the number of alternatives; with `echo` the prompt's tokens get them too.
+  """
+  if chat:
+    on = body.get("logprobs")
+    if on is not None and not isinstance(on, bool):
+      raise APIError(400, f"'logprobs' must be true or false, got {on!r}", "logprobs")
+    top = _logprob_count(body, "top_logprobs")
+    if top is not None and not on:
+      raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return {"logprobs": top or 0} if on else {}
+  if body.get("top_logprobs") is not None:
+    raise APIError(400, "'top_logprobs' is a chat completions field; on completions 'logprobs' is the count",
+                   "top_logprobs")
+  n = _logprob_count(body, "logprobs")
+  echo = body.get("echo")
+  if echo is not None and not isinstance(echo, bool):
+    raise APIError(400, f"'echo' must be true or false, got {echo!r}", "echo")
+  if n is None:
+    return {}
+  return {"logprobs": n, "prompt_logprobs": n if echo else None}
+
+
+def sampling_from_body(body: dict, defaults: dict, prompt_len: int, max_len: int,
+                       chat: bool = True) -> SamplingParams:
   """Request fields over the model's generation_config defaults -> validated SamplingParams."""
   for name, allowed in _UNSUPPORTED.items():
     if name in body and body[name] not in allowed:
@@ -86,6 +119,7 @@ def sampling_from_body(body: dict, defaults: dict, prompt_len: int, max_len: int
     kw["stop_token_ids"] = ids
   if body.get("ignore_eos") is not None:
     kw["ignore_eos"] = bool(body["ignore_eos"])
+  kw.update(_logprob_fields(body, chat))
   params = SamplingParams(**kw)
   try:
     params.validate()
@@ -116,23 +150,24 @@ class ChunkMaker:
     self.created = self.created or int(time.time())
 
   def chunk(self, delta: Optional[dict] = None, finish_reason: Optional[str] = None,
-            usage_: Optional[dict] = None) -> dict:
+            usage_: Optional[dict] = None, logprobs: Optional[dict] = None) -> dict:
     out = {"id": self.id, "created": self.created, "model": self.model,
            "object": "chat.completion.chunk" if self.chat else "text_completion"}
     if usage_ is not None:
       out.update(choices=[], usage=usage_)
     elif self.chat:
-      out["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
+      out["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish_reason}]
     else:
-      out["choices"] = [{"index": 0, "text": (delta or {}).get("content", ""), "logprobs": None,
+      out["choices"] = [{"index": 0, "text": (delta or {}).get("content", ""), "logprobs": logprobs,
                          "finish_reason": finish_reason}]
     return out
 
-  def response(self, message_or_text: Any, finish_reason: str, usage_: dict) -> dict:
+  def response(self, message_or_text: Any, finish_reason: str, usage_: dict,
+               logprobs: Optional[dict] = None) -> dict:
     if self.chat:
-      choice = {"index": 0, "message": message_or_text, "logprobs": None, "finish_reason": finish_reason}
+      choice = {"index": 0, "message": message_or_text, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-      choice = {"index": 0, "text": message_or_text, "logprobs": None, "finish_reason": finish_reason}
+      choice = {"index": 0, "text": message_or_text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created, "model": self.model, "choices": [choice], "usage": usage_}
 
@@ -162,3 +197,37 @@ def finish_reason(engine_reason: str, tool_calls: list) -> str:
   if tool_calls and engine_reason == "stop":
     return "tool_calls"
   return {"abort": "stop"}.get(engine_reason, engine_reason)
+
+
+# ------------------------------------------------------------------ logprobs
+def _lp(x: float) -> float:
+  return max(x, -9999.0)   # JSON has no -inf (vLLM clamps the same way)
+
+
+def _token(tokenizer, token_id: int) -> tuple[str, list]:
+  raw = tokenizer.token_bytes(token_id)
+  text = tokenizer.decode([token_id])
+  return text, list(raw if raw is not None else text.encode())
+
+
+def chat_logprobs(entries, tokenizer) -> dict:
+  """Engine TokenLogprobs -> a chat choice's `logprobs` ({"content": [...]})."""
+  def item(token_id, lp):
+    text, raw = _token(tokenizer, token_id)
+    return {"token": text, "logprob": _lp(lp), "bytes": raw}
+  return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                      for e in entries]}
+
+
+def completion_logprobs(token_ids, entries, tokenizer, offset: int = 0) -> tuple[dict, int]:
+  """Legacy completions `logprobs` for these tokens (an entry is None for the prompt's first token,
+  which nothing predicts), text offsets from `offset`; -> (the dict, the offset after them)."""
+  out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+  for token_id, e in zip(token_ids, entries):
+    text = tokenizer.decode([token_id])
+    out["tokens"].append(text)
+    out["token_logprobs"].append(None if e is None else _lp(e.logprob))
+    out["top_logprobs"].append(None if e is None else {tokenizer.decode([t]): _lp(lp) for t, lp in e.top})
+    out["text_offset"].append(offset)
+    offset += len(text)
+  return out, offset

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 NEG = -1e30
+MAX_LOGPROBS = 20   # top alternatives a request may ask for per token (vLLM's default limit)
 
 
 @dataclasses.dataclass
@@ -37,6 +38,8 @@ class SamplingParams:
   stop: Sequence[str] = ()
   stop_token_ids: Sequence[int] = ()
   ignore_eos: bool = False
+  logprobs: Optional[int] = None         # per generated token: its logprob and this many top ones
+  prompt_logprobs: Optional[int] = None  # the same for every prompt token after the first
 
   def validate(self) -> None:
     """Raises ValueError naming the field and its allowed range (the server maps it to a 400)."""
@@ -59,6 +62,9 @@ class SamplingParams:
       bad("max_tokens", "ask for at least 1 token")
     if self.seed is not None and not -2**63 <= self.seed < 2**64:
       bad("seed", "use a 64-bit integer")
+    for name in ("logprobs", "prompt_logprobs"):
+      if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_LOGPROBS:
+        bad(name, f"use a count in [0, {MAX_LOGPROBS}]")
 
 
 class SamplingArrays(NamedTuple):
@@ -181,3 +187,25 @@ def sample(logits_bv, sp: SamplingArrays, counts_bv, prompt_mask_bv, top_k_top_p
   filtered = filter_logits(logits_bv, sp, top_k_top_p)
   drawn_b = jax.vmap(jax.random.categorical)(row_keys(sp), filtered).astype(jnp.int32)
   return jnp.where(sp.temperature <= 0.0, greedy_b, drawn_b)
+
+
+def logprob_width(rows: Sequence[Optional[SamplingParams]], field: str = "logprobs") -> Optional[int]:
+  """The static `width` of `token_logprobs` for these rows: None when no row asks for logprobs,
+  0 when none asks for alternatives, else MAX_LOGPROBS (one program, whatever each row's count)."""
+  asks = [getattr(r, field) for r in rows if r is not None and getattr(r, field) is not None]
+  if not asks:
+    return None
+  return MAX_LOGPROBS if max(asks) > 0 else 0
+
+
+def token_logprobs(logits_nv, tok_n, width: int):
+  """Log-probabilities of the model's own distribution (the raw logits, before penalties,
+  temperature and filters: vLLM's default `raw_logprobs`) -> (logprob of tok [N], the `width`
+  most likely ids [N, width], their logprobs [N, width]). Ties: lower id first."""
+  lp_nv = jax.nn.log_softmax(logits_nv.astype(jnp.float32), axis=-1)
+  chosen_n = jnp.take_along_axis(lp_nv, tok_n[:, None], axis=-1)[:, 0]
+  if width == 0:
+    n = lp_nv.shape[0]
+    return chosen_n, jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0), jnp.float32)
+  top_lp, top_ids = jax.lax.top_k(lp_nv, width)
+  return chosen_n, top_ids.astype(jnp.int32), top_lp

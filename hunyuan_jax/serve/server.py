@@ -5,7 +5,8 @@
     read Request.events (per-request queue)    <-  Delta(token ids, text, finish_reason)
     -> StreamParser -> SSE chunks / one JSON
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and
+vLLM's POST /tokenize and /detokenize.
 A client that goes away (write fails, or its socket reads EOF while we wait) has its request
 cancelled, which frees the slot at the engine's next step.
 """
@@ -116,6 +117,10 @@ class Handler(BaseHTTPRequestHandler):
     def run():
       path = self.path.split("?")[0]
       self._check_auth()
+      if path == "/tokenize":
+        return self._tokenize(self._body())
+      if path == "/detokenize":
+        return self._detokenize(self._body())
       if path not in ("/v1/chat/completions", "/v1/completions"):
         raise APIError(404, f"no route POST {path}")
       self._complete(self._body(), chat=path == "/v1/chat/completions")
@@ -152,6 +157,34 @@ class Handler(BaseHTTPRequestHandler):
       raise APIError(400, str(e), "messages") from None
     return prompt, tools
 
+  def _prompt_ids(self, body: dict) -> list:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+      p = p[0]
+    if isinstance(p, str) and p:
+      return self.ctx.tokenizer.encode(p)
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+      return p
+    raise APIError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
+                   "prompt")
+
+  def _tokenize(self, body: dict):
+    """vLLM's /tokenize: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
+    if "messages" in body:
+      ids = self.ctx.tokenizer.encode(self._chat_prompt(body)[0])
+    else:
+      ids = self._prompt_ids(body)
+    self._send_json(200, {"count": len(ids), "max_model_len": self.ctx.engine.max_len, "tokens": ids})
+
+  def _detokenize(self, body: dict):
+    ids = body.get("tokens")
+    if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+      raise APIError(400, "'tokens' must be a list of token ids", "tokens")
+    try:
+      self._send_json(200, {"prompt": self.ctx.tokenizer.decode(ids)})
+    except (KeyError, ValueError, IndexError) as e:
+      raise APIError(400, f"'tokens' holds an id outside the vocabulary: {e}", "tokens") from None
+
   def _complete(self, body: dict, chat: bool):
     ctx = self.ctx
     tools, in_reasoning = None, False
@@ -160,28 +193,22 @@ class Handler(BaseHTTPRequestHandler):
       in_reasoning = opens_reasoning(prompt)
       ids = ctx.tokenizer.encode(prompt)
     else:
-      p = body.get("prompt")
-      if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-        p = p[0]
-      if isinstance(p, str) and p:
-        ids = ctx.tokenizer.encode(p)
-      elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        ids = p
-      else:
-        raise APIError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
-                       "prompt")
-    params = oa.sampling_from_body(body, ctx.defaults, len(ids), ctx.engine.max_len)
+      ids = self._prompt_ids(body)
+    params = oa.sampling_from_body(body, ctx.defaults, len(ids), ctx.engine.max_len, chat)
     try:
       req = ctx.engine.submit(ids, params)
     except ValueError as e:
       raise APIError(400, str(e), "messages" if chat else "prompt") from None
     maker = oa.ChunkMaker(ctx.model_name, chat)
+    echo = None
+    if not chat and body.get("echo"):   # the prompt's text (and logprobs) ahead of the completion
+      echo = body["prompt"] if isinstance(body["prompt"], str) else ctx.tokenizer.decode(ids)
     try:
       if body.get("stream"):
         opts = body.get("stream_options") or {}
-        self._stream(req, maker, chat, tools, in_reasoning, bool(opts.get("include_usage")), len(ids))
+        self._stream(req, maker, chat, tools, in_reasoning, bool(opts.get("include_usage")), len(ids), echo)
       else:
-        self._respond(req, maker, chat, tools, in_reasoning, len(ids))
+        self._respond(req, maker, chat, tools, in_reasoning, len(ids), echo)
     finally:
       if not req.done:
         ctx.engine.cancel(req)
@@ -205,22 +232,40 @@ class Handler(BaseHTTPRequestHandler):
       if d.finish_reason:
         return
 
-  def _respond(self, req, maker, chat, tools, in_reasoning, n_prompt):
+  def _logprobs(self, req, chat: bool, entries, offset: int = 0, echo: bool = False):
+    """The `logprobs` of a chunk or response holding `entries` (None unless the request asked);
+    legacy completions also -> the text offset after them."""
+    if req.params.logprobs is None:
+      return (None, offset) if not chat else None
+    if chat:
+      return oa.chat_logprobs(entries, self.ctx.tokenizer)
+    ids = [e.token_id for e in entries]
+    if echo:   # the prompt's tokens first (the first has no logprob)
+      ids, entries = req.prompt_ids + ids, (req.prompt_logprobs or [None] * len(req.prompt_ids)) + entries
+    return oa.completion_logprobs(ids, entries, self.ctx.tokenizer, offset)
+
+  def _respond(self, req, maker, chat, tools, in_reasoning, n_prompt, echo=None):
     for _ in self._events(req):
       pass
     use = oa.usage(n_prompt, len(req.output_ids))
     if not chat:
-      return self._send_json(200, maker.response(req.text, oa.finish_reason(req.finish_reason, []), use))
+      logprobs, _ = self._logprobs(req, False, req.logprobs, echo=echo is not None)
+      return self._send_json(200, maker.response((echo or "") + req.text,
+                                                 oa.finish_reason(req.finish_reason, []), use, logprobs))
     out = parse_output(req.text, self.ctx.family, tools_enabled=bool(tools), in_reasoning=in_reasoning, tools=tools)
     msg = oa.chat_message(out.reasoning, out.content, out.tool_calls)
-    self._send_json(200, maker.response(msg, oa.finish_reason(req.finish_reason, out.tool_calls), use))
+    self._send_json(200, maker.response(msg, oa.finish_reason(req.finish_reason, out.tool_calls), use,
+                                        self._logprobs(req, True, req.logprobs)))
 
   def _sse(self, obj):
     self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode())
                      + b"\n\n")
     self.wfile.flush()
 
-  def _stream(self, req, maker, chat, tools, in_reasoning, include_usage, n_prompt):
+  def _stream(self, req, maker, chat, tools, in_reasoning, include_usage, n_prompt, echo=None):
+    """SSE chunks. A token's logprobs ride on the first chunk sent after it arrives (a token whose
+    text is held back, e.g. a possible stop string, passes them on), so the chunks' logprobs
+    joined are the non-streamed response's."""
     self.send_response(200)
     self.send_header("Content-Type", "text/event-stream")
     self.send_header("Cache-Control", "no-cache")
@@ -228,13 +273,27 @@ class Handler(BaseHTTPRequestHandler):
     self.end_headers()
     self.close_connection = True
     parser = StreamParser(self.ctx.family, bool(tools), in_reasoning=in_reasoning, tools=tools) if chat else None
-    sent_calls = 0
+    sent_calls, held, offset = 0, [], 0
+
+    def send(delta, finish=None):
+      nonlocal held, offset
+      if chat:
+        self._sse(maker.chunk(delta, finish, logprobs=self._logprobs(req, True, held)))
+      else:
+        logprobs, offset = self._logprobs(req, False, held, offset)
+        self._sse(maker.chunk(delta, finish, logprobs=logprobs))
+      held = []
+
     if chat:
       self._sse(maker.chunk({"role": "assistant", "content": ""}))
-    for d in self._events(req):
+    for i, d in enumerate(self._events(req)):
+      if echo is not None and i == 0:   # prompt logprobs are set before the first token arrives
+        logprobs, offset = self._logprobs(req, False, [], echo=True)
+        self._sse(maker.chunk({"content": echo}, logprobs=logprobs))
+      held += d.logprobs
       if not chat:
         if d.text or d.finish_reason:
-          self._sse(maker.chunk({"content": d.text}, oa.finish_reason(d.finish_reason, []) if d.finish_reason else None))
+          send({"content": d.text}, oa.finish_reason(d.finish_reason, []) if d.finish_reason else None)
         continue
       deltas = parser.push(d.text)
       calls = parser.tool_calls
@@ -242,12 +301,12 @@ class Handler(BaseHTTPRequestHandler):
         tail, calls = parser.finish()
         deltas += tail
       for x in deltas:
-        self._sse(maker.chunk(oa.chat_delta(x)))
+        send(oa.chat_delta(x))
       for k in range(sent_calls, len(calls)):
-        self._sse(maker.chunk(oa.tool_call_delta(k, calls[k])))
+        send(oa.tool_call_delta(k, calls[k]))
       sent_calls = len(calls)
       if d.finish_reason:
-        self._sse(maker.chunk({}, oa.finish_reason(d.finish_reason, calls)))
+        send({}, oa.finish_reason(d.finish_reason, calls))
     if include_usage:
       self._sse(maker.chunk(usage_=oa.usage(n_prompt, len(req.output_ids))))
     self._sse(b"[DONE]")
