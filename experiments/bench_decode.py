@@ -15,6 +15,7 @@ the mean of the two step times (step time is linear in KV length).
 
   python experiments/bench_decode.py [--profile]         # GPU, A13B, batches 1/16/32; top kernels
   python experiments/bench_decode.py --tensor=2           # the model over 2 GPUs (tensor parallel)
+  python experiments/bench_decode.py --tp_share=2         # one GPU's share of that, on one GPU
   python experiments/bench_decode.py --config=tiny --layers=2 --batches=1,2 --input_len=32 \
       --output_len=8 --full_output_len=24 --timing_steps=3    # CPU smoke run
 """
@@ -65,6 +66,8 @@ flags.DEFINE_bool("profile", False, "print the top device kernels of the decode 
 flags.DEFINE_integer("profile_top", 15, "kernels listed by --profile")
 flags.DEFINE_integer("tensor", 1, "tensor-parallel devices (heads, FFN width and KV heads split)")
 flags.DEFINE_integer("expert", 1, "expert-parallel devices")
+flags.DEFINE_integer("tp_share", 1, "time one device's share of an N-way tensor-parallel step on this one "
+                     "device: heads, KV heads and FFN widths / N, embedding and head whole; no all-reduces")
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +76,18 @@ def truncate_layers(cfg: ModelConfig, n: int) -> ModelConfig:
   per_layer = {f.name: getattr(cfg, f.name)[:n] for f in dataclasses.fields(cfg)
                if isinstance(getattr(cfg, f.name), tuple) and len(getattr(cfg, f.name)) == cfg.num_layers}
   return cfg.replace(num_layers=n, **per_layer)
+
+
+def tp_share_config(cfg: ModelConfig, n: int) -> ModelConfig:
+  """The per-device shapes of `n`-way tensor parallelism (see hunyuan_jax/sharding.py's rules)."""
+  widths = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size)
+  bad = [k for k, v in widths.items() if v % n] + [k for k in ("moe_intermediate_size", "shared_expert_size")
+                                                  if any(v % n for v in getattr(cfg, k))]
+  if bad:
+    raise app.UsageError(f"--tp_share={n} does not divide {', '.join(bad)} of --config={FLAGS.config}")
+  return cfg.replace(**{k: v // n for k, v in widths.items()},
+                     moe_intermediate_size=tuple(v // n for v in cfg.moe_intermediate_size),
+                     shared_expert_size=tuple(v // n for v in cfg.shared_expert_size))
 
 
 def copy_bandwidth(nbytes=2 << 30, rounds=10, batch=4) -> float:
@@ -262,6 +277,9 @@ def pick_layers(cfg, b_max, max_len, n_dev=1) -> int:
 
 def main(_):
   cfg = ModelConfig.from_pretrained(FLAGS.config)
+  share = FLAGS.tp_share
+  if share > 1:
+    cfg = tp_share_config(cfg, share)
   batches = [int(b) for b in FLAGS.batches]
   max_len = FLAGS.input_len + FLAGS.full_output_len
   mesh = make_mesh_for_serving(FLAGS.tensor, FLAGS.expert)
@@ -322,6 +340,8 @@ def main(_):
       row[f"distinct_experts_{name}"] = ex
       kv = b * ctx * kv_row
       roof = (w_head + n_layers * w_layer + kv) / bw
+      if share > 1:   # the share's step against the N-device roofline: the head read once over N devices
+        row[f"frac_tp_{name}"] = (roof - w_head * (1 - 1 / share) / bw) / t
       per_layer = (t - t_head) / n_layers
       t32 = t_head + 32 * per_layer
       roof32 = (w_head + 32 * w_layer + b * ctx * full_kv_row) / bw
@@ -347,6 +367,11 @@ def main(_):
           f"{r['step32_ms_lo']:.1f} / {r['step32_ms_hi']:.1f} | {r['frac32_lo']:.0%} / {r['frac32_hi']:.0%} | "
           f"{r['tencent_tok_s_32l']:.1f} | {r['sync_step_ms_lo']:.2f} / {r['sync_step_ms_hi']:.2f} | "
           f"{r['distinct_experts_lo']:.1f} / {r['distinct_experts_hi']:.1f} ({r['uniform_distinct_experts']:.1f}) |")
+  if share > 1:
+    print(f"\nOne device's share of {share}-way tensor parallelism (no all-reduces), against the {share}-device "
+          "roofline (the replicated head read once):")
+    for r in rows:
+      print(f"batch {r['batch']}: {r['frac_tp_lo']:.0%} @{r['ctx_lo']} / {r['frac_tp_hi']:.0%} @{r['ctx_hi']}")
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump(dict(device=dev.device_kind, devices=n_dev, jax=jax.__version__, copy_bw=bw, rows=rows), f, indent=1)

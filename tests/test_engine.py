@@ -23,6 +23,15 @@ MAX_LEN = 128
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fp32_dots():
+  """fp32 comparisons at 2e-5: GPUs default to TF32 for f32 dots (a logprob then moves 1.6e-4)."""
+  before = jax.config.jax_default_matmul_precision
+  jax.config.update("jax_default_matmul_precision", "highest")
+  yield
+  jax.config.update("jax_default_matmul_precision", before)
+
+
 @pytest.fixture(scope="module")
 def model():
   cfg = ModelConfig.from_pretrained("tiny").replace(dtype="float32", param_dtype="float32")

@@ -268,13 +268,22 @@ def test_head_split_for_an_odd_vocabulary_gives_the_same_logits():
   np.testing.assert_allclose(out.logits, want, rtol=1e-5, atol=1e-6)
 
 
-def test_one_token_kv_projection_matches_einsum():
-  """The batch-1 decode form of the K/V projection (two rows, four D-chunks summed in fp32)."""
-  from hunyuan_jax.model.attention import _kv_projection
-  x = jax.random.normal(jax.random.key(0), (1, 1, 512))
-  w = jax.random.normal(jax.random.key(1), (512, 4, 32))
-  want = jnp.einsum("btd,dnh->btnh", x, w, precision="highest")
+def test_projection_of_few_rows_matches_einsum():
+  """`project` at decode sizes (a batched GEMM over contraction chunks, summed in fp32; one row
+  doubled) and above them (a plain dot), for one and two contracted dims, in the einsum's dtype."""
+  from hunyuan_jax.model.layers import FEW_ROWS, project
+  key = iter(jax.random.split(jax.random.key(0), 8))
+  w1 = jax.random.normal(next(key), (512, 4, 64))         # q/k/v: [D, heads, head_dim]
+  w2 = jax.random.normal(next(key), (4, 64, 384))         # o: [heads, head_dim, D], K = 256
   with jax.default_matmul_precision("highest"):   # GPUs default to TF32 for f32 dots
-    for xs in (x, jnp.concatenate([x, -x], axis=1)):   # one token (chunked) and two (plain einsum)
-      got = _kv_projection(xs, w)
-      np.testing.assert_allclose(got[:, :1], want, rtol=2e-5, atol=2e-5)
+    for rows in (1, 2, 5, FEW_ROWS + 1):
+      x1 = jax.random.normal(next(key), (1, rows, 512))
+      want = jnp.einsum("btd,dnh->btnh", x1, w1, precision="highest")
+      np.testing.assert_allclose(project(x1, w1), want, rtol=2e-5, atol=2e-5)
+      x2 = jnp.einsum("btd,dnh->btnh", x1, w1)
+      want = jnp.einsum("btnh,nhd->btd", x2, w2, precision="highest")
+      # fp32 sums in another order: errors scale with the largest partial sum, not each output
+      np.testing.assert_allclose(project(x2, w2, 2), want, rtol=2e-5, atol=2e-6 * np.abs(want).max())
+  xb, wb = x1[:, :1].astype(jnp.bfloat16), w1.astype(jnp.bfloat16)
+  assert project(xb, wb).dtype == jnp.bfloat16
+  assert project(xb, wb, out_dtype=jnp.float32).dtype == jnp.float32

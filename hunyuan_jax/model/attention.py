@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import kernels_pallas as kp
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.model import moe_parallel
-from hunyuan_jax.model.layers import apply_rope, compute_dtype, einsum_f32, param, rms_norm
+from hunyuan_jax.model.layers import apply_rope, compute_dtype, einsum_f32, param, project, rms_norm
 from hunyuan_jax.sharding import logical_to_mesh_spec
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax, not NaN
@@ -138,24 +138,6 @@ def _decode_attention(q_bkrd, k_cache, v_cache, lengths_b, layer):
   return fn(q_bkrd, k_cache, v_cache, lengths_b, jnp.asarray(layer, jnp.int32))
 
 
-def _kv_projection(x_btd, w_dnh):
-  """x @ w for the K or V projection; one token (batch-1 decode) gets a GPU-friendly form.
-
-  At one token XLA's GPU simplifier turns the vector x matrix dot into multiply + reduce and
-  transposes every layer's stacked weight for it, each step (0.08 ms of a 3.3 ms H100 step, 7
-  layers): two copies of the row keep it a cuBLAS GEMM. cuBLAS then runs [2, 4096] x [4096, 1024]
-  on 16 CTAs (~1 TB/s, 8 us); four D-chunks as one batched GEMM, summed in fp32, give it 4x the CTAs.
-  """
-  if x_btd.shape[:2] != (1, 1):
-    return jnp.einsum("btd,dnh->btnh", x_btd, w_dnh)
-  d, n, h = w_dnh.shape
-  c = 4 if d % 256 == 0 else 1
-  x_tcd = jnp.concatenate([x_btd, x_btd], axis=1).reshape(2, c, d // c)
-  parts = jnp.einsum("tcd,cdk->ctk", x_tcd, w_dnh.reshape(c, d // c, n * h),
-                     preferred_element_type=jnp.float32)
-  return jnp.sum(parts, axis=0)[:1].astype(x_btd.dtype).reshape(1, 1, n, h)
-
-
 def flash_attention(q_btnd, k_bsnd, v_bsnd, dtype) -> jax.Array:
   """cuDNN fused causal attention (GPU, no cache, no packing)."""
   return jax.nn.dot_product_attention(q_btnd.astype(dtype), k_bsnd.astype(dtype),
@@ -186,7 +168,7 @@ class Attention(nn.Module):
       k_norm = param(self, "k_norm", (d,), ("head_dim",), pdt, init=ones)
     cos, sin = cos_sin
     x = x_btd.astype(dt)
-    q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt))
+    q = project(x, wq.astype(dt))
     if cfg.qk_norm == "before_rope":
       q = rms_norm(q, q_norm, cfg.rms_norm_eps)
     q = apply_rope(q, cos, sin)
@@ -196,7 +178,7 @@ class Attention(nn.Module):
     if self.kv_source == "self":
       wk = param(self, "k", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
       wv = param(self, "v", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
-      k, v = _kv_projection(x, wk.astype(dt)), _kv_projection(x, wv.astype(dt))
+      k, v = project(x, wk.astype(dt)), project(x, wv.astype(dt))
       if cfg.qk_norm == "before_rope":
         k = rms_norm(k, k_norm, cfg.rms_norm_eps)
       k = apply_rope(k, cos, sin)
@@ -225,5 +207,5 @@ class Attention(nn.Module):
       o = flash_attention(q, keys, values, dt)
     else:
       o = dot_attention(q, keys, values, mask, dt)
-    out = jnp.einsum("btnh,nhd->btd", o.astype(dt), wo.astype(dt))
+    out = project(o.astype(dt), wo.astype(dt), 2)
     return out, rows
