@@ -58,8 +58,10 @@ def _einsum_f32_bwd(spec, res, g):
 einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
-# Rows up to which `project` runs as a chunked GEMM (decode batches; prefill and training do not).
+# Rows up to which `project` runs as a chunked GEMM (decode batches; prefill and training do not),
+# and the chunk counts it tries (the first that leaves >= 64-wide chunks).
 FEW_ROWS = 64
+CHUNKS = (4, 2)
 
 
 def project(x: jax.Array, w: jax.Array, n_contract: int = 1, out_dtype=None) -> jax.Array:
@@ -74,7 +76,7 @@ def project(x: jax.Array, w: jax.Array, n_contract: int = 1, out_dtype=None) -> 
   """
   lead, tail = x.shape[:x.ndim - n_contract], w.shape[n_contract:]
   rows, k, n = math.prod(lead), math.prod(w.shape[:n_contract]), math.prod(tail)
-  c = next((c for c in (4, 2) if k % (64 * c) == 0), 0)
+  c = next((c for c in CHUNKS if k % (64 * c) == 0), 0)
   if rows > FEW_ROWS or not c:
     return jnp.tensordot(x, w, n_contract, preferred_element_type=out_dtype)
   x_mk = x.reshape(rows, k)
