@@ -118,7 +118,8 @@ BAD = [
     ({"messages": USER, "temperature": "hot"}, 400, "temperature", None),
     ({"messages": USER, "top_p": 5}, 400, "top_p", None),
     ({"messages": USER, "presence_penalty": 9}, 400, "presence_penalty", None),
-    ({"messages": USER, "n": 2}, 400, "n", None),
+    ({"messages": USER, "n": 17}, 400, "n", None),
+    ({"messages": USER, "n": 0}, 400, "n", None),
     ({"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
     ({"messages": USER, "top_logprobs": 2}, 400, "top_logprobs", None),
     ({"messages": USER, "logprobs": 3}, 400, "logprobs", None),
@@ -197,6 +198,25 @@ def test_completions_echo_logprobs_as_lm_eval_asks(real):
   assert streamed == lp.token_logprobs
   plain = client.completions.create(**{**ask, "logprobs": None}).choices[0]
   assert plain.text == full.text and plain.logprobs is None
+
+
+def test_n_choices_stream_equals_non_stream(real):
+  """n seeded samples: choice i draws with seed + i, so they differ, and streaming (chunks of the
+  choices interleaved, told apart by index) gives each choice the same text."""
+  _, client, _ = real
+  ask = dict(n=3, temperature=1.0, seed=11, max_tokens=8)
+  full = _chat(client, **ask)
+  texts = [c.message.content for c in sorted(full.choices, key=lambda c: c.index)]
+  assert [c.index for c in full.choices] == [0, 1, 2] and len(set(texts)) > 1
+  assert full.usage.completion_tokens == 3 * 8
+  chunks = _chat(client, stream=True, **ask)
+  streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+              for i in range(3)]
+  assert streamed == texts and chunks[-1].usage.completion_tokens == 3 * 8
+  assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"] * 3
+  assert _chat(client, temperature=1.0, seed=11, max_tokens=8).choices[0].message.content == texts[0]
+  comp = client.completions.create(model="tiny", prompt="abc", max_tokens=4, temperature=0.0, n=2)
+  assert [c.index for c in comp.choices] == [0, 1] and comp.choices[0].text == comp.choices[1].text
 
 
 def test_tokenize_counts_match_usage(real):

@@ -25,7 +25,8 @@ class APIError(Exception):
 
 
 _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-_UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})}
+_UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})}
+MAX_CHOICES = 16   # `n`: each choice takes a slot of the engine
 
 
 def _number(body: dict, name: str, kind=float):
@@ -71,6 +72,19 @@ def _logprob_fields(body: dict, chat: bool) -> dict:
   if n is None:
     return {}
   return {"logprobs": n, "prompt_logprobs": n if echo else None}
+
+
+def num_choices(body: dict) -> int:
+  n = _number(body, "n", int)
+  if n is not None and not 1 <= n <= MAX_CHOICES:
+    raise APIError(400, f"'n' must be in [1, {MAX_CHOICES}], got {n}", "n")
+  return n or 1
+
+
+def choice_params(params: SamplingParams, n: int) -> list:
+  """One SamplingParams per choice; a seeded request gives choice i the seed + i (reproducible, and
+  the choices differ)."""
+  return [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i) for i in range(n)]
 
 
 def sampling_from_body(body: dict, defaults: dict, prompt_len: int, max_len: int,
@@ -150,26 +164,25 @@ class ChunkMaker:
     self.created = self.created or int(time.time())
 
   def chunk(self, delta: Optional[dict] = None, finish_reason: Optional[str] = None,
-            usage_: Optional[dict] = None, logprobs: Optional[dict] = None) -> dict:
+            usage_: Optional[dict] = None, logprobs: Optional[dict] = None, index: int = 0) -> dict:
     out = {"id": self.id, "created": self.created, "model": self.model,
            "object": "chat.completion.chunk" if self.chat else "text_completion"}
     if usage_ is not None:
       out.update(choices=[], usage=usage_)
     elif self.chat:
-      out["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish_reason}]
+      out["choices"] = [{"index": index, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish_reason}]
     else:
-      out["choices"] = [{"index": 0, "text": (delta or {}).get("content", ""), "logprobs": logprobs,
+      out["choices"] = [{"index": index, "text": (delta or {}).get("content", ""), "logprobs": logprobs,
                          "finish_reason": finish_reason}]
     return out
 
-  def response(self, message_or_text: Any, finish_reason: str, usage_: dict,
-               logprobs: Optional[dict] = None) -> dict:
-    if self.chat:
-      choice = {"index": 0, "message": message_or_text, "logprobs": logprobs, "finish_reason": finish_reason}
-    else:
-      choice = {"index": 0, "text": message_or_text, "logprobs": logprobs, "finish_reason": finish_reason}
+  def choice(self, index: int, message_or_text: Any, finish_reason: str, logprobs: Optional[dict] = None) -> dict:
+    return {"index": index, "message" if self.chat else "text": message_or_text, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+  def response(self, choices: list, usage_: dict) -> dict:
     return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created, "model": self.model, "choices": [choice], "usage": usage_}
+            "created": self.created, "model": self.model, "choices": choices, "usage": usage_}
 
 
 def chat_delta(d: dict) -> dict:

@@ -195,23 +195,29 @@ class Handler(BaseHTTPRequestHandler):
     else:
       ids = self._prompt_ids(body)
     params = oa.sampling_from_body(body, ctx.defaults, len(ids), ctx.engine.max_len, chat)
+    n = oa.num_choices(body)
+    reqs = []
     try:
-      req = ctx.engine.submit(ids, params)
-    except ValueError as e:
-      raise APIError(400, str(e), "messages" if chat else "prompt") from None
-    maker = oa.ChunkMaker(ctx.model_name, chat)
-    echo = None
-    if not chat and body.get("echo"):   # the prompt's text (and logprobs) ahead of the completion
-      echo = body["prompt"] if isinstance(body["prompt"], str) else ctx.tokenizer.decode(ids)
-    try:
+      try:
+        for p in oa.choice_params(params, n):
+          reqs.append(ctx.engine.submit(ids, p))
+      except ValueError as e:
+        raise APIError(400, str(e), "messages" if chat else "prompt") from None
+      echo = None
+      if not chat and body.get("echo"):   # the prompt's text (and logprobs) ahead of the completion
+        echo = body["prompt"] if isinstance(body["prompt"], str) else ctx.tokenizer.decode(ids)
+      outs = [_Choice(i, r, StreamParser(ctx.family, bool(tools), in_reasoning=in_reasoning, tools=tools)
+                      if chat else None) for i, r in enumerate(reqs)]
+      maker = oa.ChunkMaker(ctx.model_name, chat)
       if body.get("stream"):
         opts = body.get("stream_options") or {}
-        self._stream(req, maker, chat, tools, in_reasoning, bool(opts.get("include_usage")), len(ids), echo)
+        self._stream(outs, maker, chat, tools, bool(opts.get("include_usage")), len(ids), echo)
       else:
-        self._respond(req, maker, chat, tools, in_reasoning, len(ids), echo)
+        self._respond(outs, maker, chat, tools, in_reasoning, len(ids), echo)
     finally:
-      if not req.done:
-        ctx.engine.cancel(req)
+      for r in reqs:
+        if not r.done:
+          ctx.engine.cancel(r)
 
   def _client_gone(self) -> bool:
     try:
@@ -220,17 +226,25 @@ class Handler(BaseHTTPRequestHandler):
     except OSError:
       return True
 
-  def _events(self, req):
-    while True:
-      try:
-        d = req.events.get(timeout=0.2)
-      except queue.Empty:
+  def _events(self, outs):
+    """(choice, Delta) as the engine emits them, over all choices, until each has finished."""
+    live = list(outs)
+    while live:
+      got = False
+      for c in list(live):
+        try:
+          d = c.req.events.get(timeout=0.2 if len(live) == 1 else 0)
+        except queue.Empty:
+          continue
+        got = True
+        yield c, d
+        if d.finish_reason:
+          live.remove(c)
+      if not got:
         if self._client_gone():
           raise ClientGone() from None
-        continue
-      yield d
-      if d.finish_reason:
-        return
+        if len(live) > 1:
+          time.sleep(0.005)
 
   def _logprobs(self, req, chat: bool, entries, offset: int = 0, echo: bool = False):
     """The `logprobs` of a chunk or response holding `entries` (None unless the request asked);
@@ -244,72 +258,85 @@ class Handler(BaseHTTPRequestHandler):
       ids, entries = req.prompt_ids + ids, (req.prompt_logprobs or [None] * len(req.prompt_ids)) + entries
     return oa.completion_logprobs(ids, entries, self.ctx.tokenizer, offset)
 
-  def _respond(self, req, maker, chat, tools, in_reasoning, n_prompt, echo=None):
-    for _ in self._events(req):
+  def _respond(self, outs, maker, chat, tools, in_reasoning, n_prompt, echo=None):
+    for _ in self._events(outs):
       pass
-    use = oa.usage(n_prompt, len(req.output_ids))
-    if not chat:
-      logprobs, _ = self._logprobs(req, False, req.logprobs, echo=echo is not None)
-      return self._send_json(200, maker.response((echo or "") + req.text,
-                                                 oa.finish_reason(req.finish_reason, []), use, logprobs))
-    out = parse_output(req.text, self.ctx.family, tools_enabled=bool(tools), in_reasoning=in_reasoning, tools=tools)
-    msg = oa.chat_message(out.reasoning, out.content, out.tool_calls)
-    self._send_json(200, maker.response(msg, oa.finish_reason(req.finish_reason, out.tool_calls), use,
-                                        self._logprobs(req, True, req.logprobs)))
+    choices = []
+    for c in outs:
+      r = c.req
+      if not chat:
+        logprobs, _ = self._logprobs(r, False, r.logprobs, echo=echo is not None)
+        choices.append(maker.choice(c.index, (echo or "") + r.text, oa.finish_reason(r.finish_reason, []), logprobs))
+        continue
+      out = parse_output(r.text, self.ctx.family, tools_enabled=bool(tools), in_reasoning=in_reasoning, tools=tools)
+      choices.append(maker.choice(c.index, oa.chat_message(out.reasoning, out.content, out.tool_calls),
+                                  oa.finish_reason(r.finish_reason, out.tool_calls), self._logprobs(r, True, r.logprobs)))
+    self._send_json(200, maker.response(choices, oa.usage(n_prompt, sum(len(c.req.output_ids) for c in outs))))
 
   def _sse(self, obj):
     self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode())
                      + b"\n\n")
     self.wfile.flush()
 
-  def _stream(self, req, maker, chat, tools, in_reasoning, include_usage, n_prompt, echo=None):
-    """SSE chunks. A token's logprobs ride on the first chunk sent after it arrives (a token whose
-    text is held back, e.g. a possible stop string, passes them on), so the chunks' logprobs
-    joined are the non-streamed response's."""
+  def _stream(self, outs, maker, chat, tools, include_usage, n_prompt, echo=None):
+    """SSE chunks, each for one choice (`index`). A token's logprobs ride on the first chunk of its
+    choice sent after it arrives (a token whose text is held back, e.g. a possible stop string,
+    passes them on), so the chunks' logprobs joined are the non-streamed response's."""
     self.send_response(200)
     self.send_header("Content-Type", "text/event-stream")
     self.send_header("Cache-Control", "no-cache")
     self.send_header("Connection", "close")
     self.end_headers()
     self.close_connection = True
-    parser = StreamParser(self.ctx.family, bool(tools), in_reasoning=in_reasoning, tools=tools) if chat else None
-    sent_calls, held, offset = 0, [], 0
 
-    def send(delta, finish=None):
-      nonlocal held, offset
+    def send(c, delta, finish=None):
       if chat:
-        self._sse(maker.chunk(delta, finish, logprobs=self._logprobs(req, True, held)))
+        logprobs = self._logprobs(c.req, True, c.held)
       else:
-        logprobs, offset = self._logprobs(req, False, held, offset)
-        self._sse(maker.chunk(delta, finish, logprobs=logprobs))
-      held = []
+        logprobs, c.offset = self._logprobs(c.req, False, c.held, c.offset)
+      self._sse(maker.chunk(delta, finish, logprobs=logprobs, index=c.index))
+      c.held = []
 
-    if chat:
-      self._sse(maker.chunk({"role": "assistant", "content": ""}))
-    for i, d in enumerate(self._events(req)):
-      if echo is not None and i == 0:   # prompt logprobs are set before the first token arrives
-        logprobs, offset = self._logprobs(req, False, [], echo=True)
-        self._sse(maker.chunk({"content": echo}, logprobs=logprobs))
-      held += d.logprobs
+    for c in outs:
+      if chat:
+        self._sse(maker.chunk({"role": "assistant", "content": ""}, index=c.index))
+    for c, d in self._events(outs):
+      if echo is not None and not c.started:   # prompt logprobs are set before the first token arrives
+        logprobs, c.offset = self._logprobs(c.req, False, [], echo=True)
+        self._sse(maker.chunk({"content": echo}, logprobs=logprobs, index=c.index))
+      c.started = True
+      c.held += d.logprobs
       if not chat:
         if d.text or d.finish_reason:
-          send({"content": d.text}, oa.finish_reason(d.finish_reason, []) if d.finish_reason else None)
+          send(c, {"content": d.text}, oa.finish_reason(d.finish_reason, []) if d.finish_reason else None)
         continue
-      deltas = parser.push(d.text)
-      calls = parser.tool_calls
+      deltas = c.parser.push(d.text)
+      calls = c.parser.tool_calls
       if d.finish_reason:
-        tail, calls = parser.finish()
+        tail, calls = c.parser.finish()
         deltas += tail
       for x in deltas:
-        send(oa.chat_delta(x))
-      for k in range(sent_calls, len(calls)):
-        send(oa.tool_call_delta(k, calls[k]))
-      sent_calls = len(calls)
+        send(c, oa.chat_delta(x))
+      for k in range(c.sent_calls, len(calls)):
+        send(c, oa.tool_call_delta(k, calls[k]))
+      c.sent_calls = len(calls)
       if d.finish_reason:
-        send({}, oa.finish_reason(d.finish_reason, calls))
+        send(c, {}, oa.finish_reason(d.finish_reason, calls))
     if include_usage:
-      self._sse(maker.chunk(usage_=oa.usage(n_prompt, len(req.output_ids))))
+      self._sse(maker.chunk(usage_=oa.usage(n_prompt, sum(len(c.req.output_ids) for c in outs))))
     self._sse(b"[DONE]")
+
+
+@dataclasses.dataclass(eq=False)
+class _Choice:
+  """One choice of a request (`n` > 1 makes several), and its streaming state."""
+  index: int
+  req: Any
+  parser: Any = None        # StreamParser (chat)
+  sent_calls: int = 0
+  held: list = dataclasses.field(default_factory=list)   # logprobs not yet sent
+  offset: int = 0           # legacy completions' text offset
+  started: bool = False
 
 
 class Server:
