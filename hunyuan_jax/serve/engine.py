@@ -152,9 +152,10 @@ class Engine:
     # top_k_top_p: whether the top-k/top-p cuts run (static, see sampling.needs_top_k_top_p);
     # logprobs: None, or how many alternatives to return (sampling.logprob_width). A few programs
     # per kv_len, each compiled the first time a mix of requests needs it.
-    static = ("kv_len", "top_k_top_p", "logprobs", "prompt_logprobs")
-    self._decode = jax.jit(self._on_mesh(self._decode_fn), static_argnames=static[:3], donate_argnums=(1, 2))
-    self._prefill = jax.jit(self._on_mesh(self._prefill_fn), static_argnames=static, donate_argnums=(1, 2))
+    static = ("kv_len", "top_k_top_p", "logprobs")
+    self._decode = jax.jit(self._on_mesh(self._decode_fn), static_argnames=static, donate_argnums=(1, 2))
+    self._prefill = jax.jit(self._on_mesh(self._prefill_fn), static_argnames=static + ("prompt_logprobs",),
+                            donate_argnums=(1, 2))
     self._set_rows = jax.jit(self._set_rows_fn, donate_argnums=(0,))
 
   # ---------------------------------------------------------------- public API (thread-safe)
