@@ -198,6 +198,8 @@ class HFTokenizer(Tokenizer):
         self.eos_ids = list(eos_ids or [])
         self.pad_id = pad_id
         self.bos_id = bos_id
+        self._byte_of: dict[str, int] | None = None   # token_bytes' tables, built on first use
+        self._added: dict[int, str] = {}
 
     @classmethod
     def from_file(cls, path: str, **kw: Any) -> "HFTokenizer":
@@ -230,6 +232,34 @@ class HFTokenizer(Tokenizer):
         if t is None:
             raise KeyError(f"id {token_id} is outside the vocabulary (size {self.vocab_size})")
         return t
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Byte-level BPE pieces map back through GPT-2's byte alphabet; added tokens are their
+        text; other models' pieces are their decoded text."""
+        if self._byte_of is None:
+            model = json.loads(self._tok.to_str())
+            self._added = {t["id"]: t["content"] for t in model.get("added_tokens") or []}
+            dec = json.dumps(model.get("decoder") or {})
+            self._byte_of = _gpt2_byte_decoder() if '"ByteLevel"' in dec else {}
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        piece = self.id_to_token(token_id)
+        if self._byte_of:
+            return bytes(self._byte_of[c] for c in piece)
+        return self.decode([token_id]).encode()
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-in for each byte (byte-level BPE vocabularies spell tokens in it)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
 
 
 # Tiny model vocabulary: 256 bytes, then the specials the A13B-style template needs.

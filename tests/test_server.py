@@ -283,7 +283,7 @@ class ScriptedEngine:
   def __init__(self, script):
     self.script, self.prompts = script, []
 
-  def submit(self, ids, params: SamplingParams):
+  def submit(self, ids, params: SamplingParams, guide=None):
     self.prompts.append(list(ids))
     req = Request(list(ids), params)
     pieces, i, k = [], 0, 0

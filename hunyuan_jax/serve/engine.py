@@ -15,6 +15,8 @@ per bucket), so the bytes a step reads track the longest live sequence, not `max
 Decode state (last token, position, sampling parameters, penalty counts) lives on the device and
 the step donates it with the cache; the host reads step n's tokens after dispatching step n+1, so
 stop checks and detokenisation overlap the next step (a finished slot wastes one row of one step).
+A request with a `Guide` (structured outputs) needs its last token before its next mask: while one
+is live, the host reads each step before dispatching the next.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.model import cache_logical_axes, forward, init_cache, moe_parallel, write_kv_rows
 from hunyuan_jax.model.attention import cache_read_in_place
 from hunyuan_jax.model.transformer import Transformer
+from hunyuan_jax.serve import structured
 from hunyuan_jax.serve.sampling import (SamplingArrays, SamplingParams, logprob_width, needs_top_k_top_p, sample,
                                         token_logprobs)
 
@@ -66,6 +69,7 @@ class Request:
   text: str = ""
   logprobs: list = dataclasses.field(default_factory=list)          # TokenLogprob per output id
   prompt_logprobs: list = dataclasses.field(default_factory=list)   # per prompt id; [0] is None
+  guide: Any = None           # structured.Guide: the tokens this request may take next
   finish_reason: Optional[str] = None
   events: "queue.Queue[Delta]" = dataclasses.field(default_factory=queue.Queue)
   cancelled: bool = False
@@ -160,7 +164,8 @@ class Engine:
 
   # ---------------------------------------------------------------- public API (thread-safe)
   def submit(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
-             request_id: Optional[str] = None) -> Request:
+             request_id: Optional[str] = None, guide=None) -> Request:
+    """Queues a request; `guide` (a structured.Guide over this engine's vocabulary) constrains it."""
     params = params or SamplingParams()
     params.validate()
     prompt_ids = [int(t) for t in prompt_ids]
@@ -172,7 +177,7 @@ class Engine:
     bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
     if bad:
       raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
-    req = Request(prompt_ids, params, id=request_id or f"req-{next(self._ids)}")
+    req = Request(prompt_ids, params, id=request_id or f"req-{next(self._ids)}", guide=guide)
     req.seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31))
     if self.tokenizer is not None:
       from hunyuan_jax.tokenizer import StreamDecoder
@@ -180,6 +185,13 @@ class Engine:
     self._waiting.put(req)
     self._wake.set()
     return req
+
+  def guide(self, grammar) -> "structured.Guide":
+    """A fresh position in `grammar` over this engine's vocabulary (for `submit(guide=...)`)."""
+    if self.tokenizer is None:
+      raise ValueError("structured outputs need the engine's tokenizer")
+    table = structured.token_table(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_ids))
+    return structured.Guide(grammar, table)
 
   def cancel(self, req: Request) -> None:
     """Frees the request's slot at the next step (client gone)."""
@@ -229,6 +241,9 @@ class Engine:
       self._drop_cancelled()
       self._admit()
       self._prefill_waiting_slots()
+      if any(r is not None and r.guide is not None for r in self.slots):
+        previous, self._pending = self._pending, []
+        self._consume_all(previous)
       decoding = [(i, r) for i, r in enumerate(self.slots)
                   if r is not None and r.prefilled == len(r.prompt_ids) and not r.done
                   and r.scheduled < self._token_limit(r)]
@@ -236,8 +251,11 @@ class Engine:
       self._pending = []
       if decoding:
         self._dispatch_decode(decoding)
-      for toks, lps, rows in previous:
-        self._consume(np.asarray(toks), jax.tree.map(np.asarray, lps), rows)
+      self._consume_all(previous)
+
+  def _consume_all(self, steps):
+    for toks, lps, rows in steps:
+      self._consume(np.asarray(toks), jax.tree.map(np.asarray, lps), rows)
 
   def _token_limit(self, r: Request) -> int:
     return min(r.params.max_tokens, self.max_len - len(r.prompt_ids))
@@ -307,8 +325,9 @@ class Engine:
       last = start + n == len(r.prompt_ids)
       nxt = np.zeros(c, np.int32)    # the prompt token each position predicts
       nxt[:n] = r.prompt_ids[start + 1:start + n + 1] + [0] * last
+      allowed = r.guide.allowed_bits() if (last and r.guide is not None) else None
       first_tok, lp, prompt_lp, self.cache, self.state = self._prefill(
-          self.params, self.cache, self.state, np.int32(i), toks, pos, nxt, np.int32(n - 1),
+          self.params, self.cache, self.state, allowed, np.int32(i), toks, pos, nxt, np.int32(n - 1),
           np.bool_(start == 0), np.bool_(last), kv_len=self._kv_len(start + n),
           top_k_top_p=needs_top_k_top_p([r.params]), logprobs=logprob_width([r.params]),
           prompt_logprobs=logprob_width([r.params], "prompt_logprobs"))
@@ -326,8 +345,8 @@ class Engine:
         self._pending.append((first_tok[None], None if lp is None else jax.tree.map(lambda a: a[None], lp),
                               [(0, i, r)]))
 
-  def _prefill_fn(self, params, cache, state: SlotState, slot, toks_c, pos_c, next_c, last_idx, is_first,
-                  is_last, *, kv_len, top_k_top_p, logprobs, prompt_logprobs):
+  def _prefill_fn(self, params, cache, state: SlotState, allowed_bits, slot, toks_c, pos_c, next_c, last_idx,
+                  is_first, is_last, *, kv_len, top_k_top_p, logprobs, prompt_logprobs):
     row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)[:, :, :, :kv_len], cache)
     model = Transformer(self.cfg)
     h = model.apply({"params": params}, toks_c[None], pos_c[None], row, None, True)
@@ -344,7 +363,7 @@ class Engine:
     prompt_v = prompt_v | (seen_v > 0)
     counts_v = jnp.where(is_first, 0, state.counts_bv[slot])
     sp_row = jax.tree.map(lambda a: a[slot][None], state.sp)
-    tok = sample(logits_1v, sp_row, counts_v[None], prompt_v[None], top_k_top_p)[0]
+    tok = sample(logits_1v, sp_row, counts_v[None], prompt_v[None], top_k_top_p, self._unpack(allowed_bits, 1))[0]
     lp = None
     if logprobs is not None:
       lp = jax.tree.map(lambda a: a[0], token_logprobs(logits_1v, tok[None], logprobs))
@@ -358,7 +377,8 @@ class Engine:
   def _dispatch_decode(self, decoding):
     kv_len = self._decode_kv_len(int(max(self._pos_host[i] for i, _ in decoding)) + 1)
     toks, lps, self.cache, self.state = self._decode(
-        self.params, self.cache, self.state, kv_len=kv_len, top_k_top_p=needs_top_k_top_p(self._sp_host),
+        self.params, self.cache, self.state, self._allowed_rows(), kv_len=kv_len,
+        top_k_top_p=needs_top_k_top_p(self._sp_host),
         logprobs=logprob_width(self._sp_host))
     for i, r in decoding:
       self._pos_host[i] += 1
@@ -368,7 +388,22 @@ class Engine:
       self._upload_rows()
     self._pending.append((toks, lps, [(i, i, r) for i, r in decoding]))
 
-  def _decode_fn(self, params, cache, state: SlotState, *, kv_len, top_k_top_p, logprobs):
+  def _allowed_rows(self):
+    """Packed token masks [B, V / 8] of the guided rows (every token for the others), or None."""
+    guided = [(i, r.guide) for i, r in enumerate(self.slots) if r is not None and r.guide is not None]
+    if not guided:
+      return None
+    bits = np.full((self.max_slots, -(-self.cfg.vocab_size // 8)), 255, np.uint8)
+    for i, g in guided:
+      bits[i] = g.allowed_bits()
+    return bits
+
+  def _unpack(self, bits, rows: int):
+    if bits is None:
+      return None
+    return jnp.unpackbits(bits.reshape(rows, -1), axis=-1, count=self.cfg.vocab_size).astype(bool)
+
+  def _decode_fn(self, params, cache, state: SlotState, allowed_bits, *, kv_len, top_k_top_p, logprobs):
     b = self.max_slots
     pos_b = jnp.where(state.active_b, state.positions_b, DROP)
     # Attend over the used prefix only (kv_len bucket) unless the kernel reads the cache in place;
@@ -377,7 +412,8 @@ class Engine:
     out = forward(params, state.tokens_b[:, None], pos_b[:, None], small, cfg=self.cfg)
     cache = _rows_to_cache(cache, out.kv_rows, pos_b[:, None])
     cache = self._constrain(cache)
-    tok_b = sample(out.logits[:, 0], state.sp, state.counts_bv, state.prompt_bv, top_k_top_p)
+    tok_b = sample(out.logits[:, 0], state.sp, state.counts_bv, state.prompt_bv, top_k_top_p,
+                   self._unpack(allowed_bits, b))
     lps = None if logprobs is None else token_logprobs(out.logits[:, 0], tok_b, logprobs)
     act = state.active_b
     counts = state.counts_bv.at[jnp.arange(b), tok_b].add(act.astype(jnp.int32))
@@ -424,6 +460,8 @@ class Engine:
     stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
     if tok in stop_ids:
       return self._finish(r, "stop")
+    if r.guide is not None and not r.guide.advance(tok):   # cannot happen unless the mask is wrong
+      return self._finish(r, "abort")
     if r._decoder is not None:
       r.text += r._decoder.push(tok)
       for s in p.stop:
@@ -431,6 +469,8 @@ class Engine:
         if k >= 0:
           r.text = r.text[:k]
           return self._finish(r, "stop", flush=False)
+    if r.guide is not None and r.guide.finished:   # the grammar is complete: no stop token needed
+      return self._finish(r, "stop")
     if len(r.output_ids) >= self._token_limit(r):
       return self._finish(r, "length")
     hold = max((len(s) - 1 for s in p.stop), default=0)   # a stop string may still be forming

@@ -175,14 +175,17 @@ def row_keys(sp: SamplingArrays):
   return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.fold_in(base, s), n))(sp.seed, sp.step)
 
 
-def sample(logits_bv, sp: SamplingArrays, counts_bv, prompt_mask_bv, top_k_top_p: bool = True):
+def sample(logits_bv, sp: SamplingArrays, counts_bv, prompt_mask_bv, top_k_top_p: bool = True, allowed_bv=None):
   """-> next tokens [B] int32. top_k_top_p (static): False when no row asks for top-k or top-p
   (`needs_top_k_top_p`), which skips the top-k/top-p cuts; the tokens are the same either way.
+  allowed_bv: None, or bool [B, V] of the tokens each row may take (structured outputs).
 
   No run-time branches: every row is drawn and greedy rows then take the argmax (the draw is a
   few elementwise passes over the logits; a branch would cost a host round trip on GPU).
   """
   logits_bv = apply_penalties(logits_bv.astype(jnp.float32), sp, counts_bv, prompt_mask_bv)
+  if allowed_bv is not None:
+    logits_bv = jnp.where(allowed_bv, logits_bv, NEG)
   greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
   filtered = filter_logits(logits_bv, sp, top_k_top_p)
   drawn_b = jax.vmap(jax.random.categorical)(row_keys(sp), filtered).astype(jnp.int32)

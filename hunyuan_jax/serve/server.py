@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from hunyuan_jax.chat import StreamParser, opens_reasoning, parse_output, render_chat
 from hunyuan_jax.serve import openai_api as oa
+from hunyuan_jax.serve import structured
 from hunyuan_jax.serve.openai_api import APIError
 
 MAX_BODY = 64 << 20
@@ -146,16 +147,24 @@ class Handler(BaseHTTPRequestHandler):
     choice = body.get("tool_choice", "auto")
     if tools is not None and not isinstance(tools, list):
       raise APIError(400, "'tools' must be a list of {type: function, function: {...}}", "tools")
-    if choice not in ("auto", "none", None):
-      raise APIError(400, f"tool_choice={choice!r} is not supported (no constrained decoding); use 'auto' or 'none'",
-                     "tool_choice")
+    if not (choice in ("auto", "none", "required", None) or isinstance(choice, dict)):
+      raise APIError(400, f"tool_choice={choice!r} must be 'auto', 'none', 'required' or "
+                     "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
     if choice == "none":
       tools = None
     try:
       prompt = render_chat(messages, self.ctx.family, tools=tools, **kw)
     except ValueError as e:
       raise APIError(400, str(e), "messages") from None
-    return prompt, tools
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+      raise APIError(400, "'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+    try:
+      grammar = structured.chat_grammar(self.ctx.family, prompt, tools=tools, tool_choice=choice,
+                                        response_format=body.get("response_format"), parallel_tool_calls=parallel)
+    except structured.SchemaError as e:
+      raise APIError(400, str(e), "tool_choice" if choice not in ("auto", "none", None) else "response_format") from None
+    return prompt, tools, grammar
 
   def _prompt_ids(self, body: dict) -> list:
     p = body.get("prompt")
@@ -187,9 +196,9 @@ class Handler(BaseHTTPRequestHandler):
 
   def _complete(self, body: dict, chat: bool):
     ctx = self.ctx
-    tools, in_reasoning = None, False
+    tools, in_reasoning, grammar = None, False, None
     if chat:
-      prompt, tools = self._chat_prompt(body)
+      prompt, tools, grammar = self._chat_prompt(body)
       in_reasoning = opens_reasoning(prompt)
       ids = ctx.tokenizer.encode(prompt)
     else:
@@ -200,7 +209,7 @@ class Handler(BaseHTTPRequestHandler):
     try:
       try:
         for p in oa.choice_params(params, n):
-          reqs.append(ctx.engine.submit(ids, p))
+          reqs.append(ctx.engine.submit(ids, p, guide=None if grammar is None else ctx.engine.guide(grammar)))
       except ValueError as e:
         raise APIError(400, str(e), "messages" if chat else "prompt") from None
       echo = None

@@ -1,0 +1,153 @@
+"""Structured outputs' cost: host mask time per grammar state, and decode tokens/s with guided rows.
+
+Host (any machine): the token table of a byte-level BPE vocabulary (--tokenizer, or one of
+--train_vocab tokens trained here on the Python standard library's sources), then a scripted A13B
+reply (reasoning, then a forced tool call) walked token by token: mask time of each state the
+first time (computed) and the second (cached).
+Device: the serving Engine with random weights (--config, --layers) at each batch size: tokens/s
+of b unguided requests, of b requests forced into a named tool call, and of one such request
+among b - 1 unguided ones. A random model keeps the call's string argument open, so a guided
+row's steady state is the cached string state: what is left is the host reading each step
+before dispatching the next (the price of a live guided row), and the mask upload.
+
+  python experiments/bench_structured.py --layers=4 --batches=1,8
+  python experiments/bench_structured.py --config=tiny --layers=2 --batches=1,2 --output_len=16   # CPU smoke
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import sysconfig
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hunyuan_jax.xla_flags import use_decode_xla_flags  # noqa: E402
+
+use_decode_xla_flags()
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from hunyuan_jax.chat import render_chat
+from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.serve import structured
+from hunyuan_jax.serve.engine import Engine
+from hunyuan_jax.serve.loader import random_params
+from hunyuan_jax.serve.sampling import SamplingParams
+from hunyuan_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+flags.DEFINE_string("config", "a13b", "preset")
+flags.DEFINE_integer("layers", 4, "decoder layers")
+flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
+flags.DEFINE_integer("output_len", 128, "tokens per request in each timed run")
+flags.DEFINE_string("tokenizer", "", "a tokenizer.json or model folder (default: train a BPE here)")
+flags.DEFINE_integer("train_vocab", 128000, "vocabulary of the BPE trained when --tokenizer is not given")
+flags.DEFINE_string("json_out", "", "write results here")
+FLAGS = flags.FLAGS
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]},
+                                     "days": {"type": "integer"}}, "required": ["city"]}}}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+REPLY = ('<think>The user asks about the weather in Paris, so I call "get_weather" with the city and unit.'
+         '</think>\n<answer>\n<tool_calls>[{"name": "get_weather", "arguments": {"city": "Paris, France", '
+         '"unit": "celsius", "days": 12}}]</tool_calls>\n</answer>')
+
+
+def tokenizer_for(cfg: ModelConfig):
+  if FLAGS.tokenizer:
+    return load_tokenizer(FLAGS.tokenizer)
+  if cfg.vocab_size < 1000:
+    return ByteTokenizer()
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True))
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  vocab = min(FLAGS.train_vocab, cfg.vocab_size)
+  t = time.perf_counter()
+  tok.train(files, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|eos|>"],
+                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  path = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
+  tok.save(path)
+  print(f"trained a {tok.get_vocab_size()}-token BPE on {len(files)} files in {time.perf_counter() - t:.1f} s")
+  return HFTokenizer.from_file(path, eos_ids=[0])
+
+
+def host_masks(tok, cfg) -> dict:
+  t = time.perf_counter()
+  table = structured.token_table(tok, cfg.vocab_size, tok.eos_ids)
+  t_table = time.perf_counter() - t
+  prompt = render_chat([{"role": "user", "content": "weather in Paris?"}], "a13b", tools=TOOLS)
+  grammar = structured.chat_grammar("a13b", prompt, tools=TOOLS, tool_choice=NAMED)
+  ids = tok.encode(REPLY)
+  passes = []
+  for _ in range(2):
+    guide, times = structured.Guide(grammar, table), []
+    for i in ids:
+      t = time.perf_counter()
+      guide.allowed_bits()
+      times.append(time.perf_counter() - t)
+      assert guide.advance(i), tok.decode([i])
+    assert guide.finished
+    passes.append(times)
+  first, cached = np.array(passes[0]) * 1e3, np.array(passes[1]) * 1e3
+  return dict(vocab=int(table.vocab_size), table_s=t_table, reply_tokens=len(ids), states=len(grammar._states),
+              first_mean_ms=float(first.mean()), first_max_ms=float(first.max()), first_total_s=float(first.sum() / 1e3),
+              cached_mean_ms=float(cached.mean()))
+
+
+def tokens_per_s(eng: Engine, prompt, b: int, guided: int, grammar) -> tuple[float, int]:
+  params = SamplingParams(temperature=0.0, max_tokens=FLAGS.output_len, ignore_eos=True)
+  reqs = [eng.submit(prompt, params, guide=eng.guide(grammar) if i < guided else None) for i in range(b)]
+  while not all(r.output_ids for r in reqs):
+    eng.step()
+  n0, t = sum(len(r.output_ids) for r in reqs), time.perf_counter()
+  while not all(r.done for r in reqs):
+    eng.step()
+  n = sum(len(r.output_ids) for r in reqs) - n0
+  return n / (time.perf_counter() - t), n
+
+
+def main(_):
+  cfg = ModelConfig.from_pretrained(FLAGS.config)
+  cfg = cfg.replace(num_layers=FLAGS.layers, **{
+      f: getattr(cfg, f)[:FLAGS.layers] for f in cfg.__dataclass_fields__
+      if isinstance(getattr(cfg, f), tuple) and len(getattr(cfg, f)) == cfg.num_layers})
+  dev = jax.devices()[0]
+  print(f"device {dev.device_kind} | jax {jax.__version__} | {FLAGS.config} x {FLAGS.layers} layers", flush=True)
+  tok = tokenizer_for(cfg)
+  host = host_masks(tok, cfg)
+  print("host masks: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in host.items()),
+        flush=True)
+
+  batches = [int(b) for b in FLAGS.batches]
+  prompt_text = render_chat([{"role": "user", "content": "weather in Paris?"}], "a13b", tools=TOOLS,
+                            enable_thinking=False)
+  prompt = tok.encode(prompt_text)
+  grammar = structured.chat_grammar("a13b", prompt_text, tools=TOOLS, tool_choice=NAMED)
+  params = random_params(cfg, None, 0)
+  eng = Engine(cfg, params, max_slots=max(batches), max_len=len(prompt) + FLAGS.output_len + 16,
+               prefill_chunk=512, tokenizer=tok)
+  rows = []
+  for b in batches:
+    for guided in sorted({0, 1, b}):
+      tokens_per_s(eng, prompt, b, guided, grammar)   # compile and warm the masks
+      tps, n = tokens_per_s(eng, prompt, b, guided, grammar)
+      rows.append(dict(batch=b, guided=guided, tokens_per_s=tps, tokens=n))
+      print(f"batch {b} guided {guided}: {tps:.1f} tok/s ({n} tokens)", flush=True)
+  print("\n| batch | guided rows | tok/s | vs unguided |\n|---|---|---|---|")
+  base = {r["batch"]: r["tokens_per_s"] for r in rows if r["guided"] == 0}
+  for r in rows:
+    print(f"| {r['batch']} | {r['guided']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[r['batch']]:.0%} |")
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(dict(device=dev.device_kind, jax=jax.__version__, host=host, runs=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
