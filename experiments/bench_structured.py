@@ -64,7 +64,8 @@ def tokenizer_for(cfg: ModelConfig):
   if cfg.vocab_size < 1000:
     return ByteTokenizer()
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True))
+  files = [f for key in ("stdlib", "purelib")
+           for f in sorted(glob.glob(os.path.join(sysconfig.get_paths()[key], "**", "*.py"), recursive=True))][:40000]
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -121,6 +122,9 @@ def main(_):
   dev = jax.devices()[0]
   print(f"device {dev.device_kind} | jax {jax.__version__} | {FLAGS.config} x {FLAGS.layers} layers", flush=True)
   tok = tokenizer_for(cfg)
+  if tok.vocab_size < cfg.vocab_size:   # a random model would sample ids the tokenizer cannot spell
+    print(f"vocabulary {cfg.vocab_size} -> the tokenizer's {tok.vocab_size}")
+    cfg = cfg.replace(vocab_size=tok.vocab_size)
   host = host_masks(tok, cfg)
   print("host masks: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in host.items()),
         flush=True)
