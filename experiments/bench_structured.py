@@ -71,8 +71,9 @@ def tokenizer_for(cfg: ModelConfig):
   tok.decoder = decoders.ByteLevel()
   vocab = min(FLAGS.train_vocab, cfg.vocab_size)
   t = time.perf_counter()
-  tok.train(files, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|eos|>"],
-                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  texts = (open(f, encoding="utf-8", errors="ignore").read() for f in files)
+  tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|eos|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   path = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
   tok.save(path)
   print(f"trained a {tok.get_vocab_size()}-token BPE on {len(files)} files in {time.perf_counter() - t:.1f} s")
