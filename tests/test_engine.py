@@ -182,6 +182,20 @@ def test_cancel_frees_slot_and_bad_prompts_raise(engine):
     engine.submit([1], SamplingParams(temperature=-1.0))
 
 
+def test_a_vocabulary_padded_past_the_tokenizer_never_yields_its_padding():
+  """Hunyuan-Large pads 128166 tokens to 129024 rows; the padded rows' ids have no text."""
+  cfg = ModelConfig.from_pretrained("tiny").replace(dtype="float32", param_dtype="float32", vocab_size=512)
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(3))
+  sp = SamplingParams(temperature=5.0, max_tokens=40, seed=0, ignore_eos=True, logprobs=20)
+  runs = {}
+  for tok in (ByteTokenizer(), None):   # without a tokenizer nothing says where the text ends
+    eng = Engine(cfg, params, max_slots=2, max_len=MAX_LEN, prefill_chunk=16, kv_block=64, tokenizer=tok)
+    reqs = eng.generate(_prompts(5, [7, 9]), sp)
+    runs[tok is None] = [t for r in reqs for t in r.output_ids] + [i for r in reqs for e in r.logprobs for i, _ in e.top]
+  assert len(runs[False]) == 80 + 80 * 20 and max(runs[False]) < ByteTokenizer().vocab_size
+  assert max(runs[True]) >= ByteTokenizer().vocab_size
+
+
 def test_cla_halves_the_cache():
   cfg = ModelConfig.from_pretrained("tiny")
   full = cache_bytes(init_cache(cfg, 4, 256))

@@ -16,7 +16,8 @@ Decode state (last token, position, sampling parameters, penalty counts) lives o
 the step donates it with the cache; the host reads step n's tokens after dispatching step n+1, so
 stop checks and detokenisation overlap the next step (a finished slot wastes one row of one step).
 A request with a `Guide` (structured outputs) needs its last token before its next mask: while one
-is live, the host reads each step before dispatching the next.
+is live a step runs as two programs, the model's forward (dispatched first, so it runs while the
+host reads the last tokens and computes the masks) and the sampling, masked.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from hunyuan_jax.model import cache_logical_axes, forward, init_cache, moe_paral
 from hunyuan_jax.model.attention import cache_read_in_place
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve import structured
-from hunyuan_jax.serve.sampling import (SamplingArrays, SamplingParams, logprob_width, needs_top_k_top_p, sample,
+from hunyuan_jax.serve.sampling import (NEG, SamplingArrays, SamplingParams, logprob_width, needs_top_k_top_p, sample,
                                         token_logprobs)
 
 DROP = 2**30  # a cache position past any buffer: the model's scatter drops the write
@@ -130,6 +131,10 @@ class Engine:
     self.kv_block = kv_block
     self.cache_in_place = cache_read_in_place(cfg, max_slots, self.max_len, cache_dtype)
     self.eos_ids = set(eos_ids) or set(getattr(tokenizer, "eos_ids", None) or cfg.eos_token_ids)
+    # A vocabulary padded past the tokenizer's (Hunyuan-Large: 129024 rows, 128166 tokens) must
+    # never yield an id the tokenizer cannot spell: those logits are masked.
+    n_tok = getattr(tokenizer, "vocab_size", cfg.vocab_size)
+    self._spelled = n_tok if n_tok < cfg.vocab_size else None
     b, v = max_slots, cfg.vocab_size
     make_cache = functools.partial(init_cache, cfg, b, self.max_len, cache_dtype)
     self._cache_shardings = None
@@ -158,6 +163,8 @@ class Engine:
     # per kv_len, each compiled the first time a mix of requests needs it.
     static = ("kv_len", "top_k_top_p", "logprobs")
     self._decode = jax.jit(self._on_mesh(self._decode_fn), static_argnames=static, donate_argnums=(1, 2))
+    self._forward = jax.jit(self._on_mesh(self._forward_fn), static_argnames=("kv_len",), donate_argnums=(1,))
+    self._sample = jax.jit(self._on_mesh(self._sample_fn), static_argnames=static[1:], donate_argnums=(0,))
     self._prefill = jax.jit(self._on_mesh(self._prefill_fn), static_argnames=static + ("prompt_logprobs",),
                             donate_argnums=(1, 2))
     self._set_rows = jax.jit(self._set_rows_fn, donate_argnums=(0,))
@@ -241,14 +248,16 @@ class Engine:
       self._drop_cancelled()
       self._admit()
       self._prefill_waiting_slots()
-      if any(r is not None and r.guide is not None for r in self.slots):
-        previous, self._pending = self._pending, []
-        self._consume_all(previous)
       decoding = [(i, r) for i, r in enumerate(self.slots)
                   if r is not None and r.prefilled == len(r.prompt_ids) and not r.done
                   and r.scheduled < self._token_limit(r)]
       previous = self._pending
       self._pending = []
+      if any(r.guide is not None for _, r in decoding):
+        logits, self.cache = self._forward(self.params, self.cache, self.state, kv_len=self._step_kv_len(decoding))
+        self._consume_all(previous)           # while the forward runs: the guides see the last tokens
+        self._dispatch_decode(decoding, logits)
+        return
       if decoding:
         self._dispatch_decode(decoding)
       self._consume_all(previous)
@@ -350,10 +359,11 @@ class Engine:
     row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)[:, :, :, :kv_len], cache)
     model = Transformer(self.cfg)
     h = model.apply({"params": params}, toks_c[None], pos_c[None], row, None, True)
-    logits_1v = model.apply({"params": params}, h.hidden[:, last_idx][:, None], method=Transformer.logits)[:, 0]
+    logits_1v = self._spellable(
+        model.apply({"params": params}, h.hidden[:, last_idx][:, None], method=Transformer.logits)[:, 0])
     prompt_lp = None
     if prompt_logprobs is not None:
-      logits_cv = model.apply({"params": params}, h.hidden, method=Transformer.logits)[0]
+      logits_cv = self._spellable(model.apply({"params": params}, h.hidden, method=Transformer.logits)[0])
       prompt_lp = token_logprobs(logits_cv, next_c, prompt_logprobs)
     cache = _rows_to_cache(cache, h.kv_rows, pos_c[None], slot[None])
     cache = self._constrain(cache)
@@ -374,12 +384,17 @@ class Engine:
     return tok, lp, prompt_lp, cache, self._pin_state(state)
 
   # ---------------------------------------------------------------- decode
-  def _dispatch_decode(self, decoding):
-    kv_len = self._decode_kv_len(int(max(self._pos_host[i] for i, _ in decoding)) + 1)
-    toks, lps, self.cache, self.state = self._decode(
-        self.params, self.cache, self.state, self._allowed_rows(), kv_len=kv_len,
-        top_k_top_p=needs_top_k_top_p(self._sp_host),
-        logprobs=logprob_width(self._sp_host))
+  def _step_kv_len(self, decoding) -> int:
+    return self._decode_kv_len(int(max(self._pos_host[i] for i, _ in decoding)) + 1)
+
+  def _dispatch_decode(self, decoding, logits=None):
+    """One decode step (or, given the forward's `logits`, its sampling) for the `decoding` rows."""
+    static = dict(top_k_top_p=needs_top_k_top_p(self._sp_host), logprobs=logprob_width(self._sp_host))
+    if logits is None:
+      toks, lps, self.cache, self.state = self._decode(self.params, self.cache, self.state,
+                                                       kv_len=self._step_kv_len(decoding), **static)
+    else:
+      toks, lps, self.state = self._sample(self.state, logits, self._allowed_rows(), **static)
     for i, r in decoding:
       self._pos_host[i] += 1
       r.scheduled += 1
@@ -398,29 +413,44 @@ class Engine:
       bits[i] = g.allowed_bits()
     return bits
 
+  def _spellable(self, logits_nv):
+    if self._spelled is None:
+      return logits_nv
+    ids = jnp.arange(logits_nv.shape[-1])
+    return jnp.where(ids < self._spelled, logits_nv, NEG)
+
   def _unpack(self, bits, rows: int):
     if bits is None:
       return None
     return jnp.unpackbits(bits.reshape(rows, -1), axis=-1, count=self.cfg.vocab_size).astype(bool)
 
-  def _decode_fn(self, params, cache, state: SlotState, allowed_bits, *, kv_len, top_k_top_p, logprobs):
-    b = self.max_slots
+  def _decode_fn(self, params, cache, state: SlotState, *, kv_len, top_k_top_p, logprobs):
+    logits_bv, cache = self._forward_fn(params, cache, state, kv_len=kv_len)
+    tok_b, lps, state = self._sample_fn(state, logits_bv, None, top_k_top_p=top_k_top_p, logprobs=logprobs)
+    return tok_b, lps, cache, state
+
+  def _forward_fn(self, params, cache, state: SlotState, *, kv_len):
+    """The model over each slot's last token: logits [B, V], and the cache with their K/V rows."""
     pos_b = jnp.where(state.active_b, state.positions_b, DROP)
     # Attend over the used prefix only (kv_len bucket) unless the kernel reads the cache in place;
     # the cache axes are [R, B, n_kv, S, D].
     small = cache if kv_len == self.max_len else jax.tree.map(lambda x: x[:, :, :, :kv_len], cache)
     out = forward(params, state.tokens_b[:, None], pos_b[:, None], small, cfg=self.cfg)
     cache = _rows_to_cache(cache, out.kv_rows, pos_b[:, None])
-    cache = self._constrain(cache)
-    tok_b = sample(out.logits[:, 0], state.sp, state.counts_bv, state.prompt_bv, top_k_top_p,
-                   self._unpack(allowed_bits, b))
-    lps = None if logprobs is None else token_logprobs(out.logits[:, 0], tok_b, logprobs)
+    return out.logits[:, 0], self._constrain(cache)
+
+  def _sample_fn(self, state: SlotState, logits_bv, allowed_bits, *, top_k_top_p, logprobs):
+    """Next tokens from the logits (masked by `allowed_bits` where given); the state moves on."""
+    b = self.max_slots
+    logits_bv = self._spellable(logits_bv)
+    tok_b = sample(logits_bv, state.sp, state.counts_bv, state.prompt_bv, top_k_top_p, self._unpack(allowed_bits, b))
+    lps = None if logprobs is None else token_logprobs(logits_bv, tok_b, logprobs)
     act = state.active_b
     counts = state.counts_bv.at[jnp.arange(b), tok_b].add(act.astype(jnp.int32))
     sp = state.sp._replace(step=state.sp.step + act.astype(jnp.uint32))
     state = state._replace(tokens_b=jnp.where(act, tok_b, state.tokens_b),
                            positions_b=state.positions_b + act.astype(jnp.int32), sp=sp, counts_bv=counts)
-    return tok_b, lps, cache, self._pin_state(state)
+    return tok_b, lps, self._pin_state(state)
 
   def _on_mesh(self, fn):
     """Traces `fn` with the MoE layers dispatching per shard (their kernels run on local experts)."""
