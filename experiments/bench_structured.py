@@ -103,9 +103,9 @@ def host_masks(tok, cfg) -> dict:
               cached_mean_ms=float(cached.mean()))
 
 
-def tokens_per_s(eng: Engine, prompt, b: int, guided: int, grammar) -> tuple[float, int]:
+def tokens_per_s(eng: Engine, prompts, b: int, guided: int, grammar) -> tuple[float, int]:
   params = SamplingParams(temperature=0.0, max_tokens=FLAGS.output_len, ignore_eos=True)
-  reqs = [eng.submit(prompt, params, guide=eng.guide(grammar) if i < guided else None) for i in range(b)]
+  reqs = [eng.submit(prompts[i], params, guide=eng.guide(grammar) if i < guided else None) for i in range(b)]
   while not all(r.output_ids for r in reqs):
     eng.step()
   n0, t = sum(len(r.output_ids) for r in reqs), time.perf_counter()
@@ -131,18 +131,21 @@ def main(_):
         flush=True)
 
   batches = [int(b) for b in FLAGS.batches]
-  prompt_text = render_chat([{"role": "user", "content": "weather in Paris?"}], "a13b", tools=TOOLS,
-                            enable_thinking=False)
-  prompt = tok.encode(prompt_text)
+  # A prompt per row: identical rows would route to the same experts, and a guided row among
+  # them would add its own (more weight bytes, not the guide's cost).
+  texts = [render_chat([{"role": "user", "content": f"weather in city {i}?"}], "a13b", tools=TOOLS,
+                       enable_thinking=False) for i in range(max(int(b) for b in FLAGS.batches))]
+  prompts = [tok.encode(t) for t in texts]
+  prompt_text = texts[0]
   grammar = structured.chat_grammar("a13b", prompt_text, tools=TOOLS, tool_choice=NAMED)
   params = random_params(cfg, None, 0)
-  eng = Engine(cfg, params, max_slots=max(batches), max_len=len(prompt) + FLAGS.output_len + 16,
+  eng = Engine(cfg, params, max_slots=max(batches), max_len=max(map(len, prompts)) + FLAGS.output_len + 16,
                prefill_chunk=512, tokenizer=tok)
   rows = []
   for b in batches:
     for guided in sorted({0, 1, b}):
-      tokens_per_s(eng, prompt, b, guided, grammar)   # compile and warm the masks
-      tps, n = tokens_per_s(eng, prompt, b, guided, grammar)
+      tokens_per_s(eng, prompts, b, guided, grammar)   # compile and warm the masks
+      tps, n = tokens_per_s(eng, prompts, b, guided, grammar)
       rows.append(dict(batch=b, guided=guided, tokens_per_s=tps, tokens=n))
       print(f"batch {b} guided {guided}: {tps:.1f} tok/s ({n} tokens)", flush=True)
   print("\n| batch | guided rows | tok/s | vs unguided |\n|---|---|---|---|")
