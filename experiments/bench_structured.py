@@ -5,10 +5,12 @@ Host (any machine): the token table of a byte-level BPE vocabulary (--tokenizer,
 reply (reasoning, then a forced tool call) walked token by token: mask time of each state the
 first time (computed) and the second (cached).
 Device: the serving Engine with random weights (--config, --layers) at each batch size: tokens/s
-of b unguided requests, of b requests forced into a named tool call, and of one such request
-among b - 1 unguided ones. A random model keeps the call's string argument open, so a guided
-row's steady state is the cached string state: what is left is the host reading each step
-before dispatching the next (the price of a live guided row), and the mask upload.
+of b unguided requests (a prompt each), then with 1 or b of them guided by
+  * "free": a grammar that allows every token, so the rows take the same tokens as unguided: the
+    mechanism's own cost (forward and masked sampling as two programs, the host's masks);
+  * "tool": a forced named tool call. A random model keeps its string argument open (the cached
+    string state), but its rows now take other tokens than unguided ones, so they route to
+    other experts: with random weights this row mixes the guide's cost with a routing change.
 
   python experiments/bench_structured.py --layers=4 --batches=1,8
   python experiments/bench_structured.py --config=tiny --layers=2 --batches=1,2 --output_len=16   # CPU smoke
@@ -142,16 +144,21 @@ def main(_):
   eng = Engine(cfg, params, max_slots=max(batches), max_len=max(map(len, prompts)) + FLAGS.output_len + 16,
                prefill_chunk=512, tokenizer=tok)
   rows = []
+  g = structured.Builder()
+  free = structured.Grammar(g, g.until("\x00\x01"))   # never completes, allows every token
   for b in batches:
-    for guided in sorted({0, 1, b}):
-      tokens_per_s(eng, prompts, b, guided, grammar)   # compile and warm the masks
-      tps, n = tokens_per_s(eng, prompts, b, guided, grammar)
-      rows.append(dict(batch=b, guided=guided, tokens_per_s=tps, tokens=n))
-      print(f"batch {b} guided {guided}: {tps:.1f} tok/s ({n} tokens)", flush=True)
-  print("\n| batch | guided rows | tok/s | vs unguided |\n|---|---|---|---|")
+    runs = [("-", 0, None)] + [(name, k, gr) for name, gr in (("free", free), ("tool", grammar))
+                               for k in sorted({1, b})]
+    for name, guided, gr in runs:
+      tokens_per_s(eng, prompts, b, guided, gr)   # compile and warm the masks
+      tps, n = tokens_per_s(eng, prompts, b, guided, gr)
+      rows.append(dict(batch=b, grammar=name, guided=guided, tokens_per_s=tps, tokens=n))
+      print(f"batch {b} {name} guided {guided}: {tps:.1f} tok/s ({n} tokens)", flush=True)
+  print("\n| batch | grammar | guided rows | tok/s | vs unguided |\n|---|---|---|---|---|")
   base = {r["batch"]: r["tokens_per_s"] for r in rows if r["guided"] == 0}
   for r in rows:
-    print(f"| {r['batch']} | {r['guided']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[r['batch']]:.0%} |")
+    print(f"| {r['batch']} | {r['grammar']} | {r['guided']} | {r['tokens_per_s']:.1f} | "
+          f"{r['tokens_per_s'] / base[r['batch']]:.0%} |")
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump(dict(device=dev.device_kind, jax=jax.__version__, host=host, runs=rows), f, indent=1)
