@@ -66,6 +66,34 @@ def test_schema_grammar_accepts_the_valid_texts_and_rejects_the_others():
     assert not _accepts(grammar, text), text
 
 
+@pytest.mark.parametrize("family", ["tiny", "hy3", "hy3_opensource"])
+def test_forced_calls_in_the_model_format_parse_back(family):
+  """The template's own rendering of a call is in the grammar, and the reply parser reads it back."""
+  from hunyuan_jax.chat import templates
+  schema = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": [
+      "celsius", "fahrenheit"]}, "days": {"type": "integer"}, "hourly": {"type": "boolean"}}, "required": ["city"]}
+  tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}}]
+  args = {"city": "Paris, \"FR\"", "unit": "celsius", "days": 3}
+  call = {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps(args)}}
+  user = [{"role": "user", "content": "weather?"}]
+  if family == "tiny":
+    prompt = render_chat(user, family, tools=tools)
+    body = "<tool_calls>[" + json.dumps({"name": "get_weather", "arguments": args}) + "]</tool_calls>"
+    reply = "<think>\nI call it.\n</think>\n<answer>\n" + body + "\n</answer>"
+  else:
+    mk = templates.HY3_OPENSOURCE if family == "hy3_opensource" else templates.HY3_PREVIEW
+    prompt = render_chat(user, family, tools=tools, reasoning_effort="high")
+    reply = "I call it." + mk.think_end + "\n" + templates._hy3_tool_calls([call], mk)
+  for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+    grammar = st.chat_grammar(family, prompt, tools=tools, tool_choice=choice)
+    assert _accepts(grammar, reply), reply
+    assert not _accepts(grammar, reply.replace("celsius", "kelvin"))
+  out = parse_output(reply, family, tools_enabled=True, tools=tools, in_reasoning=family != "tiny")
+  assert out.reasoning.strip() == "I call it." and not out.content.strip()
+  assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in out.tool_calls] == [
+      ("get_weather", args)]
+
+
 def _random_json(rng, depth=0):
   kinds = ["str", "int", "float", "bool", "null"] + (["list", "dict"] if depth < 3 else [])
   k = rng.choice(kinds)

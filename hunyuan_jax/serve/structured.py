@@ -514,8 +514,10 @@ def _hy3_calls(g: Builder, functions: dict, exactly_one: bool, markup) -> Node:
       sub = props[key]
       head = g.lit(f"{t('arg_key')}{key}{t('arg_key', True)}\n{t('arg_value')}")
       close = t("arg_value", True)
-      if isinstance(sub, dict) and sub.get("type") == "string" and "enum" not in sub and "const" not in sub:
-        value = g.seq(g.until(close), g.lit("\n"))
+      if isinstance(sub, dict) and sub.get("type") == "string":   # raw text, as the parser reads it
+        fixed = sub["enum"] if "enum" in sub else [sub["const"]] if "const" in sub else None
+        value = (g.seq(g.until(close), g.lit("\n")) if fixed is None
+                 else g.seq(g.alt(*(g.lit(str(v)) for v in fixed)), g.lit(close + "\n")))
       else:
         value = g.seq(comp.compile(sub), g.lit(close + "\n"))
       one = g.seq(head, value, args)
