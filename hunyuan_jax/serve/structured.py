@@ -347,10 +347,15 @@ class Grammar:
       return hit
     allowed = np.zeros(table.vocab_size, bool)
     idx, cur, depth = table.ids, np.full(len(table.ids), sid, np.int64), 0
-    while len(idx):
-      key = cur * 256 + table.bytes[idx, depth].astype(np.int64)
-      uniq, inv = np.unique(key, return_inverse=True)
-      nxt = np.array([self.step(int(k) >> 8, int(k) & 255) for k in uniq], np.int64)[inv]
+    while len(idx):   # no sorts: the (state, byte) pairs that occur, found by counting
+      states = np.flatnonzero(np.bincount(cur))
+      slot = np.zeros(states[-1] + 1, np.int64)
+      slot[states] = np.arange(len(states))
+      key = slot[cur] * 256 + table.columns[depth][idx]
+      moves = np.full(len(states) * 256, -1, np.int64)
+      for k in np.flatnonzero(np.bincount(key)):
+        moves[k] = self.step(int(states[k >> 8]), int(k & 255))
+      nxt = moves[key]
       alive = nxt >= 0
       ended = alive & (table.lengths[idx] == depth + 1)
       allowed[idx[ended]] = True
@@ -425,6 +430,7 @@ class TokenTable:
     for i in np.nonzero(lengths)[0]:
       self.bytes[i, :lengths[i]] = np.frombuffer(token_bytes[i], np.uint8)
     self.ids = np.nonzero(lengths)[0]
+    self.columns = np.ascontiguousarray(self.bytes.T)   # [L, V]: byte d of every token, contiguous
 
 
 _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
