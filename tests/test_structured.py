@@ -226,7 +226,7 @@ def test_guided_reasoning_stays_free_until_it_closes(engine):
   """With thinking on, the reply starts '<think>' and reasons freely; cut by max_tokens there."""
   tok = engine.tokenizer
   prompt = render_chat([{"role": "user", "content": "hi"}], "tiny")
-  grammar = st.chat_grammar("tiny", prompt, response_format={"type": "json_object"})
+  grammar = st.chat_grammar("tiny", prompt, constraint={"json_object": True})
   r = engine.submit(tok.encode(prompt), SamplingParams(temperature=1.0, seed=1, max_tokens=30),
                     guide=engine.guide(grammar))
   while not r.done:
@@ -296,6 +296,39 @@ def test_server_response_format_json_schema(client):
   assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.message.content
 
 
+def test_answer_constraints_from_vllm_and_openai_fields():
+  schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+  ask = st.answer_constraint
+  assert ask({}) is None and ask({"response_format": {"type": "text"}}) is None
+  assert ask({"response_format": {"type": "json_object"}}) == {"json_object": True}
+  assert ask({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}) == {
+      "json": schema}
+  assert ask({"structured_outputs": {"json": json.dumps(schema)}}) == {"json": schema}
+  assert ask({"guided_json": schema, "response_format": {"type": "json_object"}}) == {"json": schema}
+  assert ask({"guided_choice": ["yes", "no"]}) == {"choice": ["yes", "no"]}
+  for bad, match in [({"structured_outputs": {"regex": "a+"}}, "not supported"),
+                     ({"structured_outputs": {"json": schema, "choice": ["a"]}}, "exactly one"),
+                     ({"guided_choice": []}, "non-empty"), ({"structured_outputs": "json"}, "must be an object")]:
+    with pytest.raises(st.SchemaError, match=match):
+      ask(bad)
+
+
+def test_server_completions_and_chat_take_vllm_structured_outputs(client):
+  choices = ["positive", "negative", "neutral"]
+  for extra in ({"structured_outputs": {"choice": choices}}, {"guided_choice": choices}):
+    out = client.completions.create(model="tiny", prompt="The review is", max_tokens=20, temperature=1.0, seed=2,
+                                    extra_body=extra)
+    assert out.choices[0].text in choices and out.choices[0].finish_reason == "stop"
+  schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+            "required": ["n", "ok"]}
+  out = client.completions.create(model="tiny", prompt="{", max_tokens=60, temperature=0.0,
+                                  extra_body={"guided_json": schema})
+  jsonschema.validate(json.loads(out.choices[0].text), schema)
+  full, chunks = _both(client, extra_body={"structured_outputs": {"json": schema}})
+  jsonschema.validate(json.loads(full.message.content), schema)
+  assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.message.content
+
+
 @pytest.mark.parametrize("kw,param", [
     (dict(tools=SMALL_TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
     (dict(tool_choice="required"), "tool_choice"),
@@ -303,6 +336,8 @@ def test_server_response_format_json_schema(client):
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
     (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"$ref": "http://x"}}}),
      "response_format"),
+    (dict(extra_body={"structured_outputs": {"regex": "[a-z]+"}}), "structured_outputs"),
+    (dict(extra_body={"guided_json": "{not json"}), "guided_json"),
 ])
 def test_server_rejects_what_it_cannot_constrain(client, kw, param):
   import openai

@@ -159,12 +159,25 @@ class Handler(BaseHTTPRequestHandler):
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
       raise APIError(400, "'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+    forced = choice not in ("auto", "none", None)
     try:
       grammar = structured.chat_grammar(self.ctx.family, prompt, tools=tools, tool_choice=choice,
-                                        response_format=body.get("response_format"), parallel_tool_calls=parallel)
+                                        constraint=None if forced else self._constraint(body),
+                                        parallel_tool_calls=parallel)
     except structured.SchemaError as e:
-      raise APIError(400, str(e), "tool_choice" if choice not in ("auto", "none", None) else "response_format") from None
+      raise APIError(400, str(e), "tool_choice" if forced else self._constraint_field(body)) from None
     return prompt, tools, grammar
+
+  def _constraint(self, body: dict):
+    try:
+      return structured.answer_constraint(body)
+    except structured.SchemaError as e:
+      raise APIError(400, str(e), self._constraint_field(body)) from None
+
+  @staticmethod
+  def _constraint_field(body: dict) -> str:
+    return next((k for k in ("structured_outputs", "guided_json", "guided_choice", "guided_regex", "guided_grammar")
+                 if body.get(k) is not None), "response_format")
 
   def _prompt_ids(self, body: dict) -> list:
     p = body.get("prompt")
@@ -203,6 +216,10 @@ class Handler(BaseHTTPRequestHandler):
       ids = ctx.tokenizer.encode(prompt)
     else:
       ids = self._prompt_ids(body)
+      try:
+        grammar = structured.completion_grammar(self._constraint(body))
+      except structured.SchemaError as e:
+        raise APIError(400, str(e), self._constraint_field(body)) from None
     params = oa.sampling_from_body(body, ctx.defaults, len(ids), ctx.engine.max_len, chat)
     n = oa.num_choices(body)
     reqs = []

@@ -534,61 +534,112 @@ def _hy3_calls(g: Builder, functions: dict, exactly_one: bool, markup) -> Node:
   return g.seq(g.lit(t("tool_calls") + "\n"), calls, g.lit(t("tool_calls", True)))
 
 
-def chat_grammar(family: str, prompt: str, *, tools: Optional[list] = None, tool_choice: Any = None,
-                 response_format: Optional[dict] = None, parallel_tool_calls: bool = True) -> Optional[Grammar]:
-  """The grammar a chat request's reply must follow, or None when nothing constrains it.
-
-  tool_choice "required": one or more calls of the tools (one with parallel_tool_calls False);
-  {"type": "function", "function": {"name": n}}: exactly one call of n. response_format {"type": "json_object"} or {"type":
-  "json_schema", "json_schema": {"schema": ...}}: the answer is that JSON. Raises SchemaError
-  (a 400) on a request it cannot constrain.
-  """
-  fam = _family(family)
-  forced = isinstance(tool_choice, dict) or tool_choice == "required"
-  if not forced and (not response_format or (isinstance(response_format, dict)
-                                              and response_format.get("type") == "text")):
+def answer_constraint(body: dict) -> Optional[dict]:
+  """What a request asks its answer to be, or None (free text): vLLM's `structured_outputs` (or the
+  older `guided_json` / `guided_choice`), else OpenAI's `response_format`. One of {"json": schema},
+  {"json_object": True}, {"choice": [str, ...]}. Raises SchemaError for what it cannot constrain."""
+  so = body.get("structured_outputs")
+  legacy = {k[len("guided_"):]: body[k] for k in ("guided_json", "guided_choice", "guided_regex", "guided_grammar")
+            if body.get(k) is not None}
+  if so is not None or legacy:
+    if so is not None and not isinstance(so, dict):
+      raise SchemaError("'structured_outputs' must be an object such as {'json': {...}} or {'choice': [...]}")
+    asked = {k: v for k, v in {**(so or {}), **legacy}.items() if v not in (None, False)}
+    kinds = set(asked) & {"json", "json_object", "choice", "regex", "grammar"}
+    if len(kinds) != 1:
+      raise SchemaError(f"structured outputs need exactly one of 'json', 'json_object', 'choice'; got {sorted(asked)}")
+    kind = kinds.pop()
+    if kind in ("regex", "grammar"):
+      raise SchemaError(f"structured outputs '{kind}' is not supported; use 'json' or 'choice'")
+    value = asked[kind]
+    if kind == "json" and isinstance(value, str):
+      try:
+        value = json.loads(value)
+      except json.JSONDecodeError as e:
+        raise SchemaError(f"structured outputs 'json' is not a JSON schema: {e}") from None
+    if kind == "choice" and not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
+      raise SchemaError("structured outputs 'choice' must be a non-empty list of non-empty strings")
+    return {kind: value}
+  fmt = body.get("response_format")
+  if fmt is None:
     return None
-  one = isinstance(tool_choice, dict) or not parallel_tool_calls
-  key = json.dumps([fam, _frame_kind(fam, prompt), tools if forced else None, tool_choice if forced else None,
-                    None if forced else response_format, one], sort_keys=True, default=str)
-  if key not in _GRAMMARS:   # reused across requests: their masks are cached per grammar
+  kind = fmt.get("type") if isinstance(fmt, dict) else None
+  if kind == "text":
+    return None
+  if kind == "json_object":
+    return {"json_object": True}
+  if kind == "json_schema":
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or "schema" not in spec:
+      raise SchemaError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+    return {"json": spec["schema"]}
+  raise SchemaError(f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'")
+
+
+def _answer_node(g: Builder, constraint: dict) -> Node:
+  if "json" in constraint:
+    return schema_node(g, constraint["json"])
+  if "choice" in constraint:
+    return g.alt(*(g.lit(c) for c in constraint["choice"]))
+  g.any_json()
+  return g.ref("object")
+
+
+def _cached(key: list, build) -> Grammar:
+  """Grammars are reused across requests: their masks are cached per grammar."""
+  key = json.dumps(key, sort_keys=True, default=str)
+  if key not in _GRAMMARS:
     if len(_GRAMMARS) >= GRAMMAR_CACHE:
       _GRAMMARS.pop(next(iter(_GRAMMARS)))
-    _GRAMMARS[key] = _compile_chat(fam, _frame_kind(fam, prompt), tools, tool_choice if forced else None,
-                                   response_format, one)
+    _GRAMMARS[key] = build()
   return _GRAMMARS[key]
 
 
-def _compile_chat(fam: str, frame: str, tools, tool_choice, response_format, one_call: bool) -> Grammar:
+def completion_grammar(constraint: Optional[dict]) -> Optional[Grammar]:
+  """The grammar of a plain completion's text (no chat markup), or None."""
+  if constraint is None:
+    return None
   g = Builder()
-  if tool_choice is not None:
-    functions = _tool_functions(tools)
-    if not functions:
-      raise SchemaError(f"tool_choice={tool_choice!r} needs a non-empty 'tools' list")
-    if isinstance(tool_choice, dict):
-      name = (tool_choice.get("function") or {}).get("name")
-      if tool_choice.get("type") != "function" or name not in functions:
-        raise SchemaError(f"tool_choice {tool_choice!r} must be {{'type': 'function', 'function': {{'name': n}}}} "
-                          f"with n one of the tools {sorted(functions)}")
-      functions = {name: functions[name]}
-    if fam == "large":
-      raise SchemaError("the Hunyuan-Large template has no tool support")
-    if fam.startswith("hy3"):
-      body = _hy3_calls(g, functions, one_call, HY3_OPENSOURCE if fam == "hy3_opensource" else HY3_PREVIEW)
-    else:
-      body = _a13b_calls(g, functions, one_call)
-  elif response_format:
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "json_object":
-      body = g.ref("object")
-      g.any_json()
-    elif kind == "json_schema":
-      spec = response_format.get("json_schema")
-      if not isinstance(spec, dict) or "schema" not in spec:
-        raise SchemaError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
-      body = schema_node(g, spec["schema"])
-    else:
-      raise SchemaError(f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'")
+  return _cached(["completion", constraint], lambda: Grammar(g, _answer_node(g, constraint)))
+
+
+def chat_grammar(family: str, prompt: str, *, tools: Optional[list] = None, tool_choice: Any = None,
+                 constraint: Optional[dict] = None, parallel_tool_calls: bool = True) -> Optional[Grammar]:
+  """The grammar a chat reply must follow, or None when nothing constrains it.
+
+  tool_choice "required": one or more calls of the tools (one with parallel_tool_calls False);
+  {"type": "function", "function": {"name": n}}: exactly one call of n. Else `constraint`
+  (`answer_constraint`) shapes the answer. Raises SchemaError (a 400) on what it cannot constrain.
+  """
+  fam = _family(family)
+  forced = isinstance(tool_choice, dict) or tool_choice == "required"
+  if not forced and constraint is None:
+    return None
+  frame = _frame_kind(fam, prompt)
+  if not forced:
+    g = Builder()
+    return _cached([fam, frame, constraint], lambda: Grammar(g, _chat_frame(g, fam, frame, _answer_node(g, constraint))))
+  one = isinstance(tool_choice, dict) or not parallel_tool_calls
+  return _cached([fam, frame, tools, tool_choice, one], lambda: _compile_calls(fam, frame, tools, tool_choice, one))
+
+
+def _compile_calls(fam: str, frame: str, tools, tool_choice, one_call: bool) -> Grammar:
+  g = Builder()
+  functions = _tool_functions(tools)
+  if not functions:
+    raise SchemaError(f"tool_choice={tool_choice!r} needs a non-empty 'tools' list")
+  if isinstance(tool_choice, dict):
+    name = (tool_choice.get("function") or {}).get("name")
+    if tool_choice.get("type") != "function" or name not in functions:
+      raise SchemaError(f"tool_choice {tool_choice!r} must be {{'type': 'function', 'function': {{'name': n}}}} "
+                        f"with n one of the tools {sorted(functions)}")
+    functions = {name: functions[name]}
+  if fam == "large":
+    raise SchemaError("the Hunyuan-Large template has no tool support")
+  if fam.startswith("hy3"):
+    body = _hy3_calls(g, functions, one_call, HY3_OPENSOURCE if fam == "hy3_opensource" else HY3_PREVIEW)
+  else:
+    body = _a13b_calls(g, functions, one_call)
   return Grammar(g, _chat_frame(g, fam, frame, body))
 
 
