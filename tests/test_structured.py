@@ -94,6 +94,31 @@ def test_forced_calls_in_the_model_format_parse_back(family):
       ("get_weather", args)]
 
 
+@pytest.mark.parametrize("family", ["tiny", "hy3"])
+def test_auto_with_a_strict_tool_holds_calls_to_their_schema_and_lets_answers_be(family):
+  from hunyuan_jax.chat import templates
+  tools = [{"type": "function", "function": {"name": "get_time", "strict": True, "parameters": {
+      "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}]
+  user = [{"role": "user", "content": "time?"}]
+  prompt = render_chat(user, family, tools=tools, **({"reasoning_effort": "high"} if family == "hy3" else {}))
+  grammar = st.chat_grammar(family, prompt, tools=tools, tool_choice="auto")
+  call = {"type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
+  bad = {"type": "function", "function": {"name": "get_time", "arguments": '{"zone": "PST"}'}}
+  if family == "tiny":
+    wrap = lambda answer: "<think>\nhm\n</think>\n<answer>" + answer + "</answer>"
+    calls = lambda c: "\n<tool_calls>[" + json.dumps({"name": "get_time", "arguments": json.loads(
+        c["function"]["arguments"])}) + "]</tool_calls>\n"
+  else:
+    wrap = lambda answer: "hm" + templates.HY3_PREVIEW.think_end + answer
+    calls = lambda c: "\n" + templates._hy3_tool_calls([c], templates.HY3_PREVIEW)
+  assert _accepts(grammar, wrap(calls(call)))
+  assert _accepts(grammar, wrap("\nIt is noon; no tool needed.\n"))
+  assert not _accepts(grammar, wrap(calls(bad)))
+  assert not _accepts(grammar, wrap("Let me call <tool_calls>[{}]</tool_calls>"))   # an unchecked call
+  assert st.chat_grammar(family, prompt, tools=[{**tools[0], "function": {**tools[0]["function"], "strict": False}}],
+                         tool_choice="auto") is None
+
+
 def _random_json(rng, depth=0):
   kinds = ["str", "int", "float", "bool", "null"] + (["list", "dict"] if depth < 3 else [])
   k = rng.choice(kinds)
@@ -257,7 +282,8 @@ def client(engine):
 def _both(client, **kw):
   """(non-streamed message, streamed chunks) of one greedy request."""
   args = dict(model="tiny", messages=[{"role": "user", "content": "weather in Paris?"}], max_tokens=300,
-              temperature=0.0, **kw)
+              temperature=0.0)
+  args.update(kw)
   return (client.chat.completions.create(**args).choices[0],
           list(client.chat.completions.create(stream=True, **args)))
 
@@ -285,6 +311,17 @@ def test_server_tool_choice_forces_schema_valid_calls(client, choice):
     jsonschema.validate(json.loads(c["arguments"]), schemas[c["name"]])
   assert _streamed_calls(chunks) == calls
   assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_server_auto_with_strict_tools(client):
+  strict = [{**t, "function": {**t["function"], "strict": True}} for t in SMALL_TOOLS]
+  schemas = {t["function"]["name"]: t["function"]["parameters"] for t in SMALL_TOOLS}
+  for seed in range(3):
+    full, chunks = _both(client, tools=strict, max_tokens=60, temperature=1.0, seed=seed)
+    for c in full.message.tool_calls or []:
+      jsonschema.validate(json.loads(c.function.arguments), schemas[c.function.name])
+    assert "<tool_calls>" not in (full.message.content or "")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (full.message.content or "")
 
 
 def test_server_response_format_json_schema(client):

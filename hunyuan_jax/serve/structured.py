@@ -95,7 +95,11 @@ class Builder:
 
   def until(self, terminator: str) -> Node:
     """Free text up to and including the first occurrence of `terminator`."""
-    return self.node("until", terminator.encode(), 0)
+    return self.text(terminator)
+
+  def text(self, end: str = "", avoid: str = "") -> Node:
+    """Free text that never contains `avoid`: up to and including `end`, or (no end) any length."""
+    return self.node("text", (end.encode(), avoid.encode()), b"")
 
   def number(self, integer: bool) -> Node:
     return self.node("num", integer, ("s", 0))
@@ -288,7 +292,7 @@ class Grammar:
       self._close(self._cell(g.seq(g.lit(","), g.ws, node.a, node), rest), out, seen)
     else:
       out.add(stack)
-      if k == "num" and _num_accepts(node):
+      if (k == "num" and _num_accepts(node)) or (k == "text" and not node.a[0]):
         self._close(rest, out, seen)
 
   def step(self, sid: int, byte: int) -> int:
@@ -330,12 +334,14 @@ class Grammar:
     if k == "num":
       st = _num_step(node.a, node.b, b)
       return _DEAD if st is None else self._cell(g.node("num", node.a, st), rest)
-    if k == "until":
-      term, m = node.a, node.b
-      m = _kmp_next(term, m, b)
-      if m == len(term):
+    if k == "text":
+      end, avoid = node.a
+      tail = _pattern_suffix(node.b + bytes([b]), node.a)
+      if avoid and tail == avoid:
+        return _DEAD
+      if end and tail == end:
         return rest
-      return stack if m == node.b else self._cell(g.node("until", term, m), rest)
+      return stack if tail == node.b else self._cell(g.node("text", node.a, tail), rest)
     raise AssertionError(k)
 
   # -- token masks
@@ -400,13 +406,13 @@ def _num_step(integer: bool, st: tuple, b: int) -> Optional[tuple]:
   raise AssertionError(name)
 
 
-def _kmp_next(term: bytes, m: int, b: int) -> int:
-  """Length of the longest prefix of `term` that ends the text after `b`, given it was `m`."""
-  s = term[:m] + bytes([b])
-  for k in range(min(len(s), len(term)), 0, -1):
-    if s.endswith(term[:k]):
-      return k
-  return 0
+def _pattern_suffix(text: bytes, patterns: tuple) -> bytes:
+  """The longest suffix of `text` that is a prefix of one of `patterns` (all the matcher needs to
+  remember of free text: the state stays put while no pattern starts)."""
+  for k in range(len(text), 0, -1):
+    if any(p.startswith(text[-k:]) for p in patterns if p):
+      return text[-k:]
+  return b""
 
 
 # ---------------------------------------------------------------------- vocabulary
@@ -520,10 +526,12 @@ def _hy3_calls(g: Builder, functions: dict, exactly_one: bool, markup) -> Node:
       sub = props[key]
       head = g.lit(f"{t('arg_key')}{key}{t('arg_key', True)}\n{t('arg_value')}")
       close = t("arg_value", True)
-      if isinstance(sub, dict) and sub.get("type") == "string":   # raw text, as the parser reads it
-        fixed = sub["enum"] if "enum" in sub else [sub["const"]] if "const" in sub else None
-        value = (g.seq(g.until(close), g.lit("\n")) if fixed is None
-                 else g.seq(g.alt(*(g.lit(str(v)) for v in fixed)), g.lit(close + "\n")))
+      sub = sub if isinstance(sub, dict) else {}
+      fixed = sub["enum"] if "enum" in sub else [sub["const"]] if "const" in sub else None
+      if fixed is not None and all(isinstance(v, str) for v in fixed):   # strings go raw, as rendered
+        value = g.seq(g.alt(*(g.lit(v) for v in fixed)), g.lit(close + "\n"))
+      elif sub.get("type") == "string":
+        value = g.seq(g.until(close), g.lit("\n"))
       else:
         value = g.seq(comp.compile(sub), g.lit(close + "\n"))
       one = g.seq(head, value, args)
@@ -608,22 +616,30 @@ def chat_grammar(family: str, prompt: str, *, tools: Optional[list] = None, tool
   """The grammar a chat reply must follow, or None when nothing constrains it.
 
   tool_choice "required": one or more calls of the tools (one with parallel_tool_calls False);
-  {"type": "function", "function": {"name": n}}: exactly one call of n. Else `constraint`
-  (`answer_constraint`) shapes the answer. Raises SchemaError (a 400) on what it cannot constrain.
+  {"type": "function", "function": {"name": n}}: exactly one call of n; "auto" with a tool that
+  sets `strict`: calls held to their schemas, or an answer (free text that opens no tool call, or
+  the `constraint`). Else `constraint` (`answer_constraint`) shapes the answer. Raises SchemaError
+  (a 400) on what it cannot constrain.
   """
   fam = _family(family)
+  strict_auto = tool_choice in ("auto", None) and any(
+      isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("strict") is True
+      for t in tools or [])
   forced = isinstance(tool_choice, dict) or tool_choice == "required"
-  if not forced and constraint is None:
+  if not (forced or strict_auto) and constraint is None:
     return None
   frame = _frame_kind(fam, prompt)
-  if not forced:
+  if not (forced or strict_auto):
     g = Builder()
     return _cached([fam, frame, constraint], lambda: Grammar(g, _chat_frame(g, fam, frame, _answer_node(g, constraint))))
   one = isinstance(tool_choice, dict) or not parallel_tool_calls
-  return _cached([fam, frame, tools, tool_choice, one], lambda: _compile_calls(fam, frame, tools, tool_choice, one))
+  answer = constraint if strict_auto else None
+  return _cached([fam, frame, tools, tool_choice, one, strict_auto, answer],
+                 lambda: _compile_calls(fam, frame, tools, tool_choice, one, strict_auto, answer))
 
 
-def _compile_calls(fam: str, frame: str, tools, tool_choice, one_call: bool) -> Grammar:
+def _compile_calls(fam: str, frame: str, tools, tool_choice, one_call: bool, or_answer: bool,
+                   constraint: Optional[dict]) -> Grammar:
   g = Builder()
   functions = _tool_functions(tools)
   if not functions:
@@ -640,7 +656,9 @@ def _compile_calls(fam: str, frame: str, tools, tool_choice, one_call: bool) -> 
     body = _hy3_calls(g, functions, one_call, HY3_OPENSOURCE if fam == "hy3_opensource" else HY3_PREVIEW)
   else:
     body = _a13b_calls(g, functions, one_call)
-  return Grammar(g, _chat_frame(g, fam, frame, body))
+  if or_answer and constraint is not None:
+    body, or_answer = g.alt(body, _answer_node(g, constraint)), False
+  return Grammar(g, _chat_frame(g, fam, frame, body, or_text=or_answer))
 
 
 def _frame_kind(fam: str, prompt: str) -> str:
@@ -653,13 +671,19 @@ def _frame_kind(fam: str, prompt: str) -> str:
   return "answer" if prompt.endswith(NO_THINK_SUFFIX) else "think"
 
 
-def _chat_frame(g: Builder, fam: str, frame: str, body: Node) -> Node:
-  """The family's reply markup around `body`. Hy3: the prompt opened the think block already."""
+def _chat_frame(g: Builder, fam: str, frame: str, body: Node, or_text: bool = False) -> Node:
+  """The family's reply markup around `body` (or, with or_text, around free text that opens no
+  tool call). Hy3: the prompt opened the think block already."""
   nl = g.opt(g.lit("\n"))
   if fam.startswith("hy3"):
     mk = HY3_OPENSOURCE if fam == "hy3_opensource" else HY3_PREVIEW
+    if or_text:
+      body = g.alt(body, g.text(avoid=mk.tag("tool_calls")))
     return g.seq(g.until(mk.think_end), nl, body) if frame == "think" else body
   if fam == "large":
     return body
-  answer = g.seq(g.lit("<answer>"), nl, body, nl, g.lit("</answer>"))
+  inner = g.seq(nl, body, nl, g.lit("</answer>"))
+  if or_text:
+    inner = g.alt(inner, g.text(end="</answer>", avoid="<tool_calls>"))
+  answer = g.seq(g.lit("<answer>"), inner)
   return g.seq(g.lit("<think>"), g.until("</think>"), nl, answer) if frame == "think" else answer
