@@ -216,6 +216,7 @@ def test_generation_config_defaults(tmp_path):
 MESH_SCRIPT = """
 import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"   # simulated CPU devices, also on a machine with one GPU
 import json, jax
 from hunyuan_jax.serve.engine import Engine
 from hunyuan_jax.serve.loader import load_model, make_mesh_for_serving

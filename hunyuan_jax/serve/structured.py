@@ -1,11 +1,12 @@
 """Structured outputs: a grammar matched byte by byte, and the tokens each of its states allows.
 
-`tool_choice` "required" or {"function": {"name": ...}} and `response_format` json_object /
-json_schema (vLLM's structured outputs) constrain a chat reply to a grammar: the engine samples
-every token of such a request from `Guide.allowed_bits()`, the tokens whose bytes keep the text a
-prefix of the grammar's language (stop tokens once it is complete), so tool calls and JSON
-replies parse and follow their schema. Tool calls are forced in the model's own format (A13B's
-JSON array, Hy3's XML-like tags), which the reply parser already reads; reasoning stays free.
+`tool_choice` "required", {"function": {"name": ...}} or "auto" with `strict` tools, and
+`response_format` json_object / json_schema or vLLM's `structured_outputs` / `guided_json` /
+`guided_choice` constrain a reply to a grammar: the engine samples every token of such a request
+from `Guide.allowed_bits()`, the tokens whose bytes keep the text a prefix of the grammar's
+language (stop tokens once it is complete), so tool calls and JSON replies parse and follow their
+schema. Tool calls are forced in the model's own format (A13B's JSON array, Hy3's XML-like tags),
+which the reply parser already reads; reasoning stays free.
 
 A grammar is a tree of interned `Node`s. A parse position is a stack of nodes still to match (an
 interned cons list), a state the set of stacks an NFA simulation holds after closure, interned to
@@ -38,7 +39,7 @@ _GRAMMARS: dict = {}
 
 class Node:
   """One grammar node; interned, so identity is equality and hashing is cheap."""
-  __slots__ = ("kind", "a", "b", "__weakref__")
+  __slots__ = ("kind", "a", "b")
 
   def __init__(self, kind: str, a: Any = None, b: Any = None):
     self.kind, self.a, self.b = kind, a, b
