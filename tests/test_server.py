@@ -26,6 +26,7 @@ from hunyuan_jax.tokenizer import ByteTokenizer
 
 MAX_LEN = 64
 USER = [{"role": "user", "content": "hi"}]
+NO_EOS = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,22 @@ def test_stream_equals_non_stream_with_usage(real):
   comp = client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=0.0)
   streamed = client.completions.create(model="tiny", prompt="abc", max_tokens=6, temperature=0.0, stream=True)
   assert "".join(c.choices[0].text for c in streamed) == comp.choices[0].text
+
+
+def test_continuous_usage_stats_count_up_to_the_final_usage(real):
+  _, client, _ = real
+  for kind in ("chat", "completions"):
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    if kind == "chat":
+      chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=9, temperature=0.0,
+                                                   stream=True, stream_options=opts, extra_body=NO_EOS))
+    else:
+      chunks = list(client.completions.create(model="tiny", prompt="hello", max_tokens=9, temperature=0.0,
+                                              stream=True, stream_options=opts, extra_body=NO_EOS))
+    running = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert all(c.usage is not None for c in chunks) and running == sorted(running)
+    assert running[-1] == chunks[-1].usage.completion_tokens == 9
+    assert {c.usage.prompt_tokens for c in chunks} == {chunks[-1].usage.prompt_tokens}
 
 
 def test_concurrent_requests_batch_and_match_alone(real):

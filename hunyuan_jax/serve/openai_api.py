@@ -164,9 +164,14 @@ class ChunkMaker:
     self.created = self.created or int(time.time())
 
   def chunk(self, delta: Optional[dict] = None, finish_reason: Optional[str] = None,
-            usage_: Optional[dict] = None, logprobs: Optional[dict] = None, index: int = 0) -> dict:
+            usage_: Optional[dict] = None, logprobs: Optional[dict] = None, index: int = 0,
+            usage_so_far: Optional[dict] = None) -> dict:
+    """A streamed chunk: one choice's delta (with vLLM's continuous usage, `usage_so_far`), or,
+    given `usage_`, the final usage chunk with no choices."""
     out = {"id": self.id, "created": self.created, "model": self.model,
            "object": "chat.completion.chunk" if self.chat else "text_completion"}
+    if usage_so_far is not None:
+      out["usage"] = usage_so_far
     if usage_ is not None:
       out.update(choices=[], usage=usage_)
     elif self.chat:

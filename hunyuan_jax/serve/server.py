@@ -237,7 +237,8 @@ class Handler(BaseHTTPRequestHandler):
       maker = oa.ChunkMaker(ctx.model_name, chat)
       if body.get("stream"):
         opts = body.get("stream_options") or {}
-        self._stream(outs, maker, chat, tools, bool(opts.get("include_usage")), len(ids), echo)
+        self._stream(outs, maker, chat, tools, bool(opts.get("include_usage")), len(ids), echo,
+                     bool(opts.get("continuous_usage_stats")))
       else:
         self._respond(outs, maker, chat, tools, in_reasoning, len(ids), echo)
     finally:
@@ -304,10 +305,11 @@ class Handler(BaseHTTPRequestHandler):
                      + b"\n\n")
     self.wfile.flush()
 
-  def _stream(self, outs, maker, chat, tools, include_usage, n_prompt, echo=None):
+  def _stream(self, outs, maker, chat, tools, include_usage, n_prompt, echo=None, continuous_usage=False):
     """SSE chunks, each for one choice (`index`). A token's logprobs ride on the first chunk of its
     choice sent after it arrives (a token whose text is held back, e.g. a possible stop string,
-    passes them on), so the chunks' logprobs joined are the non-streamed response's."""
+    passes them on), so the chunks' logprobs joined are the non-streamed response's. With
+    `continuous_usage` (vLLM's continuous_usage_stats) every chunk carries the usage so far."""
     self.send_response(200)
     self.send_header("Content-Type", "text/event-stream")
     self.send_header("Cache-Control", "no-cache")
@@ -315,23 +317,27 @@ class Handler(BaseHTTPRequestHandler):
     self.end_headers()
     self.close_connection = True
 
+    def so_far():
+      return oa.usage(n_prompt, sum(x.tokens for x in outs)) if continuous_usage else None
+
     def send(c, delta, finish=None):
       if chat:
         logprobs = self._logprobs(c.req, True, c.held)
       else:
         logprobs, c.offset = self._logprobs(c.req, False, c.held, c.offset)
-      self._sse(maker.chunk(delta, finish, logprobs=logprobs, index=c.index))
+      self._sse(maker.chunk(delta, finish, logprobs=logprobs, index=c.index, usage_so_far=so_far()))
       c.held = []
 
     for c in outs:
       if chat:
-        self._sse(maker.chunk({"role": "assistant", "content": ""}, index=c.index))
+        self._sse(maker.chunk({"role": "assistant", "content": ""}, index=c.index, usage_so_far=so_far()))
     for c, d in self._events(outs):
       if echo is not None and not c.started:   # prompt logprobs are set before the first token arrives
         logprobs, c.offset = self._logprobs(c.req, False, [], echo=True)
-        self._sse(maker.chunk({"content": echo}, logprobs=logprobs, index=c.index))
+        self._sse(maker.chunk({"content": echo}, logprobs=logprobs, index=c.index, usage_so_far=so_far()))
       c.started = True
       c.held += d.logprobs
+      c.tokens += len(d.token_ids)
       if not chat:
         if d.text or d.finish_reason:
           send(c, {"content": d.text}, oa.finish_reason(d.finish_reason, []) if d.finish_reason else None)
@@ -363,6 +369,7 @@ class _Choice:
   held: list = dataclasses.field(default_factory=list)   # logprobs not yet sent
   offset: int = 0           # legacy completions' text offset
   started: bool = False
+  tokens: int = 0           # completion tokens received so far
 
 
 class Server:
