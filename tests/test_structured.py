@@ -259,6 +259,34 @@ def test_guided_reasoning_stays_free_until_it_closes(engine):
   assert r.finish_reason == "length" and r.text.startswith("<think>") and _state(grammar, r.text) >= 0
 
 
+@pytest.mark.parametrize("family", ["tiny", "hy3"])
+def test_a_spent_thinking_budget_forces_the_reasoning_closed(family):
+  """vLLM's thinking_token_budget: after that many reasoning tokens the close is forced, in any
+  tokenisation the model picks; the reply then goes on (here: a random walk through the masks)."""
+  from hunyuan_jax.chat import templates
+  prompt = render_chat([{"role": "user", "content": "hi"}], family, reasoning_effort="high")
+  grammar = st.free_reply_grammar(family, prompt)
+  assert st.free_reply_grammar(family, render_chat([{"role": "user", "content": "hi"}], family,
+                                                   enable_thinking=False)) is None
+  close = "\n</think>\n" if family == "tiny" else templates.HY3_PREVIEW.think_end
+  rng = np.random.default_rng(0)
+  for budget in (0, 3, 12):
+    tok = ByteTokenizer()
+    guide = st.Guide(grammar, st.token_table(tok, tok.vocab_size, tok.eos_ids), think_budget=budget)
+    raw, starts = b"", []
+    for _ in range(60):
+      allowed = np.flatnonzero(np.unpackbits(guide.allowed_bits())[:tok.vocab_size])
+      t = int(rng.choice([a for a in allowed if a not in tok.eos_ids] or allowed))
+      assert guide.advance(t)
+      starts.append(len(raw))
+      raw += tok.token_bytes(t)
+    opener = b"<think>" if family == "tiny" else b""
+    end = raw.find(close.encode())
+    assert raw.startswith(opener) and end >= 0, raw
+    reasoning_tokens = [i for i in starts if len(opener) <= i < end]
+    assert len(reasoning_tokens) == budget, (budget, raw)   # random text never closes on its own
+
+
 # ------------------------------------------------------------------ server, openai client
 class _FrozenClock(datetime.datetime):
   @classmethod
@@ -322,6 +350,23 @@ def test_server_auto_with_strict_tools(client):
       jsonschema.validate(json.loads(c.function.arguments), schemas[c.function.name])
     assert "<tool_calls>" not in (full.message.content or "")
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (full.message.content or "")
+
+
+def test_server_thinking_token_budget(client):
+  for budget in (0, 5):
+    full = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=40, temperature=1.0, seed=budget,
+        logprobs=True, extra_body={"thinking_token_budget": budget, "chat_template_kwargs": {"enable_thinking": True}})
+    raw, starts = b"", []
+    for entry in full.choices[0].logprobs.content:
+      starts.append(len(raw))
+      raw += bytes(entry.bytes)
+    end = raw.find(b"\n</think>\n")
+    assert raw.startswith(b"<think>") and end > 0
+    assert len([i for i in starts if len(b"<think>") <= i < end]) == budget
+  with pytest.raises(Exception, match="thinking_token_budget"):
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                   extra_body={"thinking_token_budget": -1})
 
 
 def test_server_response_format_json_schema(client):

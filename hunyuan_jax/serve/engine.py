@@ -193,12 +193,12 @@ class Engine:
     self._wake.set()
     return req
 
-  def guide(self, grammar) -> "structured.Guide":
+  def guide(self, grammar, think_budget: Optional[int] = None) -> "structured.Guide":
     """A fresh position in `grammar` over this engine's vocabulary (for `submit(guide=...)`)."""
     if self.tokenizer is None:
       raise ValueError("structured outputs need the engine's tokenizer")
     table = structured.token_table(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_ids))
-    return structured.Guide(grammar, table)
+    return structured.Guide(grammar, table, think_budget)
 
   def cancel(self, req: Request) -> None:
     """Frees the request's slot at the next step (client gone)."""

@@ -209,9 +209,14 @@ class Handler(BaseHTTPRequestHandler):
 
   def _complete(self, body: dict, chat: bool):
     ctx = self.ctx
-    tools, in_reasoning, grammar = None, False, None
+    tools, in_reasoning, grammar, budget = None, False, None, None
     if chat:
       prompt, tools, grammar = self._chat_prompt(body)
+      budget = body.get("thinking_token_budget")
+      if budget is not None:
+        if not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0):
+          raise APIError(400, "'thinking_token_budget' must be a non-negative integer", "thinking_token_budget")
+        grammar = grammar or structured.free_reply_grammar(ctx.family, prompt)
       in_reasoning = opens_reasoning(prompt)
       ids = ctx.tokenizer.encode(prompt)
     else:
@@ -226,7 +231,7 @@ class Handler(BaseHTTPRequestHandler):
     try:
       try:
         for p in oa.choice_params(params, n):
-          reqs.append(ctx.engine.submit(ids, p, guide=None if grammar is None else ctx.engine.guide(grammar)))
+          reqs.append(ctx.engine.submit(ids, p, guide=None if grammar is None else ctx.engine.guide(grammar, budget)))
       except ValueError as e:
         raise APIError(400, str(e), "messages" if chat else "prompt") from None
       echo = None

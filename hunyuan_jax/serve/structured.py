@@ -227,8 +227,11 @@ _DIGITS = frozenset(b"0123456789")
 class Grammar:
   """A compiled grammar: states as ints, `step(state, byte)`, and token masks per state."""
 
-  def __init__(self, g: Builder, root: Node):
+  def __init__(self, g: Builder, root: Node, think_end: str = "", think_close: str = ""):
+    """think_end: the end of the reply's free reasoning (a text node), if it has one;
+    think_close: the text a spent `thinking_token_budget` forces there."""
     self.g = g
+    self.think_end, self.think_close = think_end.encode(), think_close.encode()
     self._cells: dict = {}
     self._closures: dict = {}
     self._state_ids: dict = {}
@@ -257,6 +260,12 @@ class Grammar:
 
   def can_continue(self, sid: int) -> bool:
     return any(s is not None for s in self._states[sid])
+
+  def in_reasoning(self, sid: int) -> bool:
+    """Inside the free reasoning: every parse is in the text that `think_end` ends."""
+    stacks = self._states[sid]
+    return bool(self.think_end) and all(s is not None and s.node.kind == "text" and s.node.a[0] == self.think_end
+                                        for s in stacks)
 
   def _closure(self, stack: Optional[_Cell]) -> frozenset:
     """The stacks reachable without consuming a byte whose top consumes bytes (None = complete)."""
@@ -438,6 +447,16 @@ class TokenTable:
       self.bytes[i, :lengths[i]] = np.frombuffer(token_bytes[i], np.uint8)
     self.ids = np.nonzero(lengths)[0]
     self.columns = np.ascontiguousarray(self.bytes.T)   # [L, V]: byte d of every token, contiguous
+    self._prefix_masks: dict = {}
+
+  def prefix_mask(self, text: bytes) -> np.ndarray:
+    """Packed bits of the tokens whose bytes begin `text` (forced text, in any tokenisation)."""
+    if text not in self._prefix_masks:
+      ok = (self.lengths > 0) & (self.lengths <= len(text))
+      for d in range(min(len(text), self.columns.shape[0])):
+        ok &= (self.columns[d] == text[d]) | (self.lengths <= d)
+      self._prefix_masks[text] = np.packbits(ok)
+    return self._prefix_masks[text]
 
 
 _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -461,28 +480,47 @@ def _bytes_or_none(tokenizer, i: int) -> Optional[bytes]:
 
 
 class Guide:
-  """One request's position in its grammar: the tokens it may take next, and the token it took."""
+  """One request's position in its grammar: the tokens it may take next, and the token it took.
 
-  def __init__(self, grammar: Grammar, table: TokenTable):
+  think_budget (vLLM's `thinking_token_budget`): after that many reasoning tokens the reply must
+  take the grammar's `think_close` text next (in whatever tokens the model picks for it).
+  """
+
+  def __init__(self, grammar: Grammar, table: TokenTable, think_budget: Optional[int] = None):
     self.grammar, self.table, self.state = grammar, table, grammar.start
+    self.think_budget, self.think_tokens = think_budget, 0
+    self._forced = b""
+    self._spend_budget()
 
   def allowed_bits(self) -> np.ndarray:
+    if self._forced:
+      return self.table.prefix_mask(self._forced)
     return self.grammar.mask(self.state, self.table)
 
   def advance(self, token_id: int) -> bool:
     """Moves past a sampled token; False if the grammar does not allow it (then the state stays)."""
     if token_id in self.table.stop_ids:
-      return self.grammar.accepting(self.state)
+      return not self._forced and self.grammar.accepting(self.state)
     n = int(self.table.lengths[token_id]) if 0 <= token_id < self.table.vocab_size else 0
+    text = bytes(self.table.bytes[token_id, :n])
+    if n == 0 or not self._forced.startswith(text[:len(self._forced)]):
+      return False
     sid = self.state
-    for b in self.table.bytes[token_id, :n]:
-      sid = self.grammar.step(sid, int(b))
+    for b in text:
+      sid = self.grammar.step(sid, b)
       if sid < 0:
         return False
-    if n == 0:
-      return False
+    if self.think_budget is not None and self.grammar.in_reasoning(self.state):
+      self.think_tokens += 1
+    self._forced = self._forced[n:]
     self.state = sid
+    self._spend_budget()
     return True
+
+  def _spend_budget(self):
+    if (self.think_budget is not None and self.think_tokens >= self.think_budget
+        and self.grammar.in_reasoning(self.state)):
+      self._forced, self.think_budget = self.grammar.think_close, None
 
   @property
   def finished(self) -> bool:
@@ -632,7 +670,8 @@ def chat_grammar(family: str, prompt: str, *, tools: Optional[list] = None, tool
   frame = _frame_kind(fam, prompt)
   if not (forced or strict_auto):
     g = Builder()
-    return _cached([fam, frame, constraint], lambda: Grammar(g, _chat_frame(g, fam, frame, _answer_node(g, constraint))))
+    return _cached([fam, frame, constraint],
+                   lambda: Grammar(g, _chat_frame(g, fam, frame, _answer_node(g, constraint)), *_reasoning_marks(fam, frame)))
   one = isinstance(tool_choice, dict) or not parallel_tool_calls
   answer = constraint if strict_auto else None
   return _cached([fam, frame, tools, tool_choice, one, strict_auto, answer],
@@ -659,7 +698,33 @@ def _compile_calls(fam: str, frame: str, tools, tool_choice, one_call: bool, or_
     body = _a13b_calls(g, functions, one_call)
   if or_answer and constraint is not None:
     body, or_answer = g.alt(body, _answer_node(g, constraint)), False
-  return Grammar(g, _chat_frame(g, fam, frame, body, or_text=or_answer))
+  return Grammar(g, _chat_frame(g, fam, frame, body, or_text=or_answer), *_reasoning_marks(fam, frame))
+
+
+def free_reply_grammar(family: str, prompt: str) -> Optional[Grammar]:
+  """Any reply whose reasoning closes (for `thinking_token_budget` alone), or None when the prompt
+  leaves no reasoning open."""
+  fam = _family(family)
+  frame = _frame_kind(fam, prompt)
+  if frame != "think":
+    return None
+  end, _ = _reasoning_marks(fam, frame)
+
+  def build():
+    g = Builder()
+    reasoning = g.until(end) if fam.startswith("hy3") else g.seq(g.lit("<think>"), g.until(end))
+    return Grammar(g, g.seq(reasoning, g.text()), *_reasoning_marks(fam, frame))
+  return _cached(["free", fam, frame], build)
+
+
+def _reasoning_marks(fam: str, frame: str) -> tuple:
+  """(the end of the reply's free reasoning, the text a spent thinking budget forces), or ("", "")."""
+  if frame != "think":
+    return "", ""
+  if fam.startswith("hy3"):
+    end = (HY3_OPENSOURCE if fam == "hy3_opensource" else HY3_PREVIEW).think_end
+    return end, end
+  return "</think>", "\n</think>\n"
 
 
 def _frame_kind(fam: str, prompt: str) -> str:
