@@ -12,6 +12,7 @@ from hunyuan_jax.chat import parse_output, render_chat
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.model import init_params
 from hunyuan_jax.serve import structured as st
+from hunyuan_jax.serve.structured.vocab import _bytes_or_none
 from hunyuan_jax.serve.engine import Engine
 from hunyuan_jax.serve.sampling import SamplingParams
 from hunyuan_jax.tokenizer import ByteTokenizer, HFTokenizer
@@ -198,7 +199,7 @@ def test_masks_match_a_token_by_token_walk(vocab, tmp_path):
     got = np.unpackbits(guide.allowed_bits())[:size].astype(bool)
     want = np.zeros(size, bool)
     for i in range(size):
-      b = st._bytes_or_none(tok, i) if i < tok.vocab_size else None
+      b = _bytes_or_none(tok, i) if i < tok.vocab_size else None
       if i in tok.eos_ids:
         want[i] = grammar.accepting(guide.state)
       elif b:
