@@ -156,6 +156,11 @@ class Handler(BaseHTTPRequestHandler):
       prompt = render_chat(messages, self.ctx.family, tools=tools, **kw)
     except ValueError as e:
       raise APIError(400, str(e), "messages") from None
+    return prompt, tools
+
+  def _chat_grammar(self, body: dict, prompt: str, tools):
+    """The grammar the reply must follow (structured outputs), or None."""
+    choice = body.get("tool_choice", "auto")
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
       raise APIError(400, "'parallel_tool_calls' must be true or false", "parallel_tool_calls")
@@ -166,7 +171,7 @@ class Handler(BaseHTTPRequestHandler):
                                         parallel_tool_calls=parallel)
     except structured.SchemaError as e:
       raise APIError(400, str(e), "tool_choice" if forced else self._constraint_field(body)) from None
-    return prompt, tools, grammar
+    return grammar
 
   def _constraint(self, body: dict):
     try:
@@ -211,7 +216,8 @@ class Handler(BaseHTTPRequestHandler):
     ctx = self.ctx
     tools, in_reasoning, grammar, budget = None, False, None, None
     if chat:
-      prompt, tools, grammar = self._chat_prompt(body)
+      prompt, tools = self._chat_prompt(body)
+      grammar = self._chat_grammar(body, prompt, tools)
       budget = body.get("thinking_token_budget")
       if budget is not None:
         if not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0):
