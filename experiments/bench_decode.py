@@ -48,7 +48,7 @@ from hunyuan_jax.model import forward, init_params, moe_parallel
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve.engine import Engine, cache_bytes
 from hunyuan_jax.serve.loader import make_mesh_for_serving, random_params
-from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, logprob_width, sample
+from hunyuan_jax.serve.sampling import SampleOptions, SamplingArrays, SamplingParams, logprob_width, sample
 from profile_util import print_top, top_kernels
 
 flags.DEFINE_string("config", "a13b", "preset")
@@ -183,7 +183,7 @@ def head_time(params, cfg, b, steps) -> float:
     h = model.apply({"params": p}, h, method=lambda m, x: m.final_norm(x))
     logits = model.apply({"params": p}, h, method=Transformer.logits)[:, 0]
     return sample(logits, sp, jnp.zeros(logits.shape, jnp.int32), jnp.zeros(logits.shape, bool),
-                  FLAGS.top_p < 1.0)
+                  SampleOptions(top_k_top_p=FLAGS.top_p < 1.0))
   f = jax.jit(head)
   toks = jnp.zeros((b, 1), jnp.int32)
   return time_fn(f, lambda: (params, toks), steps)
@@ -208,7 +208,7 @@ def decode_step_time(eng: Engine, context: int, steps: int, profile: str = "") -
 
   def run():
     _, _, eng.cache, eng.state = eng._decode(eng.params, eng.cache, eng.state, kv_len=kv_len,
-                                             top_k_top_p=FLAGS.top_p < 1.0,
+                                             options=SampleOptions(top_k_top_p=FLAGS.top_p < 1.0),
                                              logprobs=logprob_width([sampling_params()]))
     return eng.state.tokens_b
   run()

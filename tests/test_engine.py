@@ -165,6 +165,29 @@ def test_stop_token_stop_string_and_max_tokens(engine):
   assert "".join(d.text for d in deltas) == r.text and deltas[-1].finish_reason == "stop"
 
 
+def test_min_tokens_and_logit_bias(engine):
+  """An EOS pushed up by +100 is held back for exactly min_tokens tokens (which are then the greedy
+  ones), stop strings do not end the reply before min_tokens, and a bias stays in its own row."""
+  p, other = _prompts(12, [10, 13])
+  free, free_other = engine.generate([p, other], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+  eos = ByteTokenizer().eos_ids[0]
+  assert eos not in free.output_ids
+  pushed = SamplingParams(temperature=0.0, max_tokens=12, logit_bias={eos: 100.0}, min_tokens=5)
+  r, beside = engine.generate([p, other], [pushed, GREEDY])
+  assert r.output_ids == free.output_ids[:5] + [eos] and r.finish_reason == "stop"
+  assert beside.output_ids == free_other.output_ids[:8]
+  banned = engine.generate([p], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True,
+                                               logit_bias={free.output_ids[0]: -100.0}))[0]
+  assert banned.output_ids[0] != free.output_ids[0]
+  text = ByteTokenizer().decode(free.output_ids)
+  stop = text[1:3]
+  late = engine.generate([p], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop],
+                                             min_tokens=6))[0]
+  assert late.output_ids[:6] == free.output_ids[:6] and late.text.find(stop) == text.find(stop)
+  with pytest.raises(ValueError, match="logit_bias"):
+    engine.submit(p, SamplingParams(logit_bias={10**6: 1.0}))
+
+
 def test_cancel_frees_slot_and_bad_prompts_raise(engine):
   p = _prompts(6, [7])[0]
   r = engine.submit(p, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))

@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from hunyuan_jax.serve.sampling import (SamplingArrays, SamplingParams, apply_penalties, needs_top_k_top_p,
-                                       sample)
+from hunyuan_jax.serve.sampling import (NEG, SampleOptions, SamplingArrays, SamplingParams, apply_penalties,
+                                       sample, sample_options)
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -1.0], np.float32)
 N = 4000
@@ -149,29 +149,83 @@ def test_sort_is_a_static_choice_and_rows_without_filters_draw_the_same():
   plain = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, min_p=0.05),
            SamplingParams(temperature=1.3)]
   nucleus = plain + [SamplingParams(temperature=1.0, top_p=0.5)]
-  assert not needs_top_k_top_p(plain + [None]) and needs_top_k_top_p(nucleus)
-  assert needs_top_k_top_p([SamplingParams(top_k=3)])
+  assert not sample_options(plain + [None]).top_k_top_p and sample_options(nucleus).top_k_top_p
+  assert sample_options([SamplingParams(top_k=3)]).top_k_top_p
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(4, 50)).astype(np.float32) * 3
   z = np.zeros((4, 50), np.int32), np.zeros((4, 50), bool)
   sort = jax.jit(sample, static_argnums=4)
-  for fn_args in ((True,), (False,)):
+  for fn_args in ((SampleOptions(True),), (SampleOptions(False),)):
     sp = SamplingArrays.from_params(plain, [0] * 3, [1, 2, 3])
     jaxpr = str(jax.make_jaxpr(sample, static_argnums=4)(logits[:3], sp, z[0][:3], z[1][:3], *fn_args))
     assert " cond[" not in jaxpr and " while[" not in jaxpr
   for step in range(30):
     sp3 = SamplingArrays.from_params(plain, [step] * 3, [1, 2, 3])
     sp4 = SamplingArrays.from_params(nucleus, [step] * 4, [1, 2, 3, 4])
-    without = np.asarray(sort(logits[:3], sp3, z[0][:3], z[1][:3], False))
-    with_sort = np.asarray(sort(logits[:3], sp3, z[0][:3], z[1][:3], True))
-    mixed = np.asarray(sort(logits, sp4, *z, True))
+    without = np.asarray(sort(logits[:3], sp3, z[0][:3], z[1][:3], SampleOptions(False)))
+    with_sort = np.asarray(sort(logits[:3], sp3, z[0][:3], z[1][:3], SampleOptions(True)))
+    mixed = np.asarray(sort(logits, sp4, *z, SampleOptions(True)))
     assert without.tolist() == with_sort.tolist() == mixed[:3].tolist()
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
                                 dict(top_k=-5), dict(repetition_penalty=0.0), dict(presence_penalty=3.0),
-                                dict(frequency_penalty=-2.5), dict(max_tokens=0)])
+                                dict(frequency_penalty=-2.5), dict(max_tokens=0), dict(logit_bias={3: 101.0}),
+                                dict(logit_bias={i: 1.0 for i in range(301)}), dict(min_tokens=-1),
+                                dict(min_tokens=9, max_tokens=8)])
 def test_validate_rejects_out_of_range(kw):
   name = next(iter(kw))
   with pytest.raises(ValueError, match=name):
     SamplingParams(**kw).validate()
+
+
+def test_validate_checks_logit_bias_ids_against_the_vocabulary():
+  SamplingParams(logit_bias={5: 1.0}).validate(6)
+  with pytest.raises(ValueError, match="logit_bias"):
+    SamplingParams(logit_bias={6: 1.0}).validate(6)
+
+
+def _draw_biased(rows, n_each, step=0, eos_ids=()):
+  """Draws of each row (n_each times, one seed per draw) under SampleOptions(bias=True)."""
+  rows = [r for r in rows for _ in range(n_each)]
+  n, v = len(rows), LOGITS.shape[0]
+  sp = SamplingArrays.from_params(rows, [step] * n, list(range(n)), eos_ids)
+  assert sample_options(rows).bias
+  toks = sample(np.tile(LOGITS, (n, 1)), sp, np.zeros((n, v), np.int32), np.zeros((n, v), bool),
+                SampleOptions(top_k_top_p=False, bias=True))
+  return np.asarray(toks).reshape(-1, n_each)
+
+
+def test_logit_bias_adds_to_the_logits_and_only_in_its_own_row():
+  """The biased row's draws follow softmax(logits + bias) (chi-square at p = 1e-4); the unbiased
+  row beside it in the batch follows softmax(logits)."""
+  bias = {5: 2.5, 0: -100.0, 2: 0.75}
+  draws = _draw_biased([SamplingParams(logit_bias=bias), SamplingParams()], N)
+  shifted = LOGITS + np.array([bias.get(i, 0.0) for i in range(len(LOGITS))], np.float32)
+  for row, logits in zip(draws, (shifted, LOGITS)):
+    counts = np.bincount(row, minlength=len(LOGITS))
+    p = _softmax(logits)
+    live = p > 1e-9
+    assert counts[~live].sum() == 0
+    chi2 = (((counts - N * p) ** 2)[live] / (N * p[live])).sum()
+    assert chi2 < CHI2_1E4[int(live.sum()) - 1], (counts, N * p)
+
+
+def test_min_tokens_holds_back_stop_ids_for_the_first_tokens_only():
+  """Greedy rows whose argmax is the EOS (id 0): held back while fewer than min_tokens tokens are
+  generated, with the request's stop_token_ids; ignore_eos leaves the EOS alone."""
+  greedy = dict(temperature=0.0, min_tokens=3)
+  rows = [SamplingParams(**greedy), SamplingParams(**greedy, stop_token_ids=[1]),
+          SamplingParams(**greedy, ignore_eos=True), SamplingParams(temperature=0.0)]
+  for step in range(5):
+    got = _draw_biased(rows, 1, step, eos_ids=[0])[:, 0].tolist()
+    held = step < 3
+    assert got == ([1, 2, 0, 0] if held else [0, 0, 0, 0]), (step, got)
+
+
+def test_bias_entries_pack_logit_bias_then_min_tokens_stops():
+  p = SamplingParams(logit_bias={7: -1.0}, min_tokens=2, stop_token_ids=[9])
+  assert p.bias_entries([3]) == [(7, -1.0, 2**32 - 1), (3, NEG, 2), (9, NEG, 2)]
+  assert SamplingParams(min_tokens=2, ignore_eos=True).bias_entries([3]) == []
+  with pytest.raises(ValueError, match="stop_token_ids"):
+    SamplingParams(min_tokens=1, stop_token_ids=list(range(600))).bias_entries([])

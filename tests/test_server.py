@@ -143,6 +143,11 @@ BAD = [
     ({"messages": USER, "tool_choice": "required", "tools": []}, 400, "tool_choice", None),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", None),
     ({"messages": USER, "chat_template_kwargs": {"enable_thinking": "yes"}}, 400, "chat_template_kwargs", None),
+    ({"messages": USER, "logit_bias": {"5": 200}}, 400, "logit_bias", None),
+    ({"messages": USER, "logit_bias": {"the": 1}}, 400, "logit_bias", None),
+    ({"messages": USER, "logit_bias": {"99999": 1}}, 400, "logit_bias", None),
+    ({"messages": USER, "logit_bias": [1, 2]}, 400, "logit_bias", None),
+    ({"messages": USER, "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens", None),
 ]
 
 
@@ -245,6 +250,21 @@ def test_tokenize_counts_match_usage(real):
   status, tok = _raw(srv, "POST", "/tokenize", {"prompt": "abc"})
   assert tok["tokens"] == ByteTokenizer().encode("abc")
   assert _raw(srv, "POST", "/detokenize", {"tokens": "abc"})[0] == 400
+
+
+def test_logit_bias_and_min_tokens_through_the_client(real):
+  """OpenAI's logit_bias (string keys) and vLLM's min_tokens: an EOS pushed to the top ends the
+  reply right after min_tokens tokens, in chat and completions, streamed or not."""
+  _, client, _ = real
+  eos = str(ByteTokenizer().eos_ids[0])
+  for stream in (False, True):
+    out = _chat(client, stream, logit_bias={eos: 100}, extra_body={"min_tokens": 3})
+    final = out if not stream else out[-1]
+    reason = out.choices[0].finish_reason if not stream else [c for c in out if c.choices][-1].choices[0].finish_reason
+    assert final.usage.completion_tokens == 4 and reason == "stop"
+  c = client.completions.create(model="tiny", prompt="ab", max_tokens=10, temperature=0.0, logit_bias={eos: 100},
+                                extra_body={"min_tokens": 2})
+  assert c.usage.completion_tokens == 3 and c.choices[0].finish_reason == "stop"
 
 
 def test_openai_client_raises_typed_errors(real):

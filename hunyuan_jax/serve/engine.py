@@ -39,7 +39,7 @@ from hunyuan_jax.model import cache_logical_axes, forward, init_cache, moe_paral
 from hunyuan_jax.model.attention import cache_read_in_place
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve import structured
-from hunyuan_jax.serve.sampling import (NEG, SamplingArrays, SamplingParams, logprob_width, needs_top_k_top_p, sample,
+from hunyuan_jax.serve.sampling import (NEG, SamplingArrays, SamplingParams, logprob_width, sample, sample_options,
                                         token_logprobs)
 
 DROP = 2**30  # a cache position past any buffer: the model's scatter drops the write
@@ -158,10 +158,10 @@ class Engine:
     self._ids = itertools.count()
     self._lock = threading.Lock()
     self._wake = threading.Event()
-    # top_k_top_p: whether the top-k/top-p cuts run (static, see sampling.needs_top_k_top_p);
-    # logprobs: None, or how many alternatives to return (sampling.logprob_width). A few programs
-    # per kv_len, each compiled the first time a mix of requests needs it.
-    static = ("kv_len", "top_k_top_p", "logprobs")
+    # options: the optional sampling passes (static, see sampling.sample_options); logprobs: None,
+    # or how many alternatives to return (sampling.logprob_width). A few programs per kv_len, each
+    # compiled the first time a mix of requests needs it.
+    static = ("kv_len", "options", "logprobs")
     self._decode = jax.jit(self._on_mesh(self._decode_fn), static_argnames=static, donate_argnums=(1, 2))
     self._forward = jax.jit(self._on_mesh(self._forward_fn), static_argnames=("kv_len",), donate_argnums=(1,))
     self._sample = jax.jit(self._on_mesh(self._sample_fn), static_argnames=static[1:], donate_argnums=(0,))
@@ -174,7 +174,7 @@ class Engine:
              request_id: Optional[str] = None, guide=None) -> Request:
     """Queues a request; `guide` (a structured.Guide over this engine's vocabulary) constrains it."""
     params = params or SamplingParams()
-    params.validate()
+    params.validate(self.cfg.vocab_size)
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
       raise ValueError("the prompt is empty; send at least one token")
@@ -184,6 +184,7 @@ class Engine:
     bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
     if bad:
       raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+    params.bias_entries(self.eos_ids)   # raises if min_tokens' stop ids do not fit
     req = Request(prompt_ids, params, id=request_id or f"req-{next(self._ids)}", guide=guide)
     req.seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31))
     if self.tokenizer is not None:
@@ -211,9 +212,11 @@ class Engine:
   def has_work(self) -> bool:
     return self.num_active() > 0 or not self._waiting.empty() or bool(self._pending)
 
-  def generate(self, prompts: Sequence[Sequence[int]], params: Optional[SamplingParams] = None):
-    """Runs until every prompt is done; returns the Requests (output_ids, text, finish_reason)."""
-    reqs = [self.submit(p, dataclasses.replace(params) if params else None) for p in prompts]
+  def generate(self, prompts: Sequence[Sequence[int]], params=None):
+    """Runs until every prompt is done; returns the Requests (output_ids, text, finish_reason).
+    params: one SamplingParams for all prompts, or one per prompt."""
+    each = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    reqs = [self.submit(p, dataclasses.replace(sp) if sp else None) for p, sp in zip(prompts, each)]
     while not all(r.done for r in reqs):
       self.step()
     return reqs
@@ -305,7 +308,7 @@ class Engine:
     pos = np.where(active, self._pos_host, DROP).astype(np.int32)
     steps = [r.scheduled if r else 0 for r in self.slots]
     seeds = [r.seed if r else 0 for r in self.slots]
-    sp = SamplingArrays.from_params(self._sp_host, steps, seeds)
+    sp = SamplingArrays.from_params(self._sp_host, steps, seeds, sorted(self.eos_ids))
     assert len(active) == b
     self.state = self._set_rows(self.state, active, pos, sp)
 
@@ -338,7 +341,7 @@ class Engine:
       first_tok, lp, prompt_lp, self.cache, self.state = self._prefill(
           self.params, self.cache, self.state, allowed, np.int32(i), toks, pos, nxt, np.int32(n - 1),
           np.bool_(start == 0), np.bool_(last), kv_len=self._kv_len(start + n),
-          top_k_top_p=needs_top_k_top_p([r.params]), logprobs=logprob_width([r.params]),
+          options=sample_options([r.params]), logprobs=logprob_width([r.params]),
           prompt_logprobs=logprob_width([r.params], "prompt_logprobs"))
       if prompt_lp is not None:   # a host read: only requests that ask for prompt logprobs wait on it
         if start == 0:
@@ -355,7 +358,7 @@ class Engine:
                               [(0, i, r)]))
 
   def _prefill_fn(self, params, cache, state: SlotState, allowed_bits, slot, toks_c, pos_c, next_c, last_idx,
-                  is_first, is_last, *, kv_len, top_k_top_p, logprobs, prompt_logprobs):
+                  is_first, is_last, *, kv_len, options, logprobs, prompt_logprobs):
     row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)[:, :, :, :kv_len], cache)
     model = Transformer(self.cfg)
     h = model.apply({"params": params}, toks_c[None], pos_c[None], row, None, True)
@@ -373,7 +376,7 @@ class Engine:
     prompt_v = prompt_v | (seen_v > 0)
     counts_v = jnp.where(is_first, 0, state.counts_bv[slot])
     sp_row = jax.tree.map(lambda a: a[slot][None], state.sp)
-    tok = sample(logits_1v, sp_row, counts_v[None], prompt_v[None], top_k_top_p, self._unpack(allowed_bits, 1))[0]
+    tok = sample(logits_1v, sp_row, counts_v[None], prompt_v[None], options, self._unpack(allowed_bits, 1))[0]
     lp = None
     if logprobs is not None:
       lp = jax.tree.map(lambda a: a[0], token_logprobs(logits_1v, tok[None], logprobs))
@@ -389,7 +392,7 @@ class Engine:
 
   def _dispatch_decode(self, decoding, logits=None):
     """One decode step (or, given the forward's `logits`, its sampling) for the `decoding` rows."""
-    static = dict(top_k_top_p=needs_top_k_top_p(self._sp_host), logprobs=logprob_width(self._sp_host))
+    static = dict(options=sample_options(self._sp_host), logprobs=logprob_width(self._sp_host))
     if logits is None:
       toks, lps, self.cache, self.state = self._decode(self.params, self.cache, self.state,
                                                        kv_len=self._step_kv_len(decoding), **static)
@@ -424,9 +427,9 @@ class Engine:
       return None
     return jnp.unpackbits(bits.reshape(rows, -1), axis=-1, count=self.cfg.vocab_size).astype(bool)
 
-  def _decode_fn(self, params, cache, state: SlotState, *, kv_len, top_k_top_p, logprobs):
+  def _decode_fn(self, params, cache, state: SlotState, *, kv_len, options, logprobs):
     logits_bv, cache = self._forward_fn(params, cache, state, kv_len=kv_len)
-    tok_b, lps, state = self._sample_fn(state, logits_bv, None, top_k_top_p=top_k_top_p, logprobs=logprobs)
+    tok_b, lps, state = self._sample_fn(state, logits_bv, None, options=options, logprobs=logprobs)
     return tok_b, lps, cache, state
 
   def _forward_fn(self, params, cache, state: SlotState, *, kv_len):
@@ -439,11 +442,11 @@ class Engine:
     cache = _rows_to_cache(cache, out.kv_rows, pos_b[:, None])
     return out.logits[:, 0], self._constrain(cache)
 
-  def _sample_fn(self, state: SlotState, logits_bv, allowed_bits, *, top_k_top_p, logprobs):
+  def _sample_fn(self, state: SlotState, logits_bv, allowed_bits, *, options, logprobs):
     """Next tokens from the logits (masked by `allowed_bits` where given); the state moves on."""
     b = self.max_slots
     logits_bv = self._spellable(logits_bv)
-    tok_b = sample(logits_bv, state.sp, state.counts_bv, state.prompt_bv, top_k_top_p, self._unpack(allowed_bits, b))
+    tok_b = sample(logits_bv, state.sp, state.counts_bv, state.prompt_bv, options, self._unpack(allowed_bits, b))
     lps = None if logprobs is None else token_logprobs(logits_bv, tok_b, logprobs)
     act = state.active_b
     counts = state.counts_bv.at[jnp.arange(b), tok_b].add(act.astype(jnp.int32))
@@ -487,15 +490,14 @@ class Engine:
   def _emit(self, r: Request, tok: int):
     p = r.params
     r.output_ids.append(tok)
-    stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
-    if tok in stop_ids:
+    if tok in p.stop_ids(self.eos_ids):   # held back on device for the first min_tokens
       return self._finish(r, "stop")
     if r.guide is not None and not r.guide.advance(tok):   # cannot happen unless the mask is wrong
       return self._finish(r, "abort")
     if r._decoder is not None:
       r.text += r._decoder.push(tok)
-      for s in p.stop:
-        k = r.text.find(s, max(0, r._emitted - len(s)))
+      for s in p.stop if len(r.output_ids) >= p.min_tokens else ():
+        k = r.text.find(s, max(0, r._emitted - len(s) + 1))   # ends in text not yet sent
         if k >= 0:
           r.text = r.text[:k]
           return self._finish(r, "stop", flush=False)

@@ -25,7 +25,7 @@ class APIError(Exception):
 
 
 _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-_UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})}
+_UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, "")}
 MAX_CHOICES = 16   # `n`: each choice takes a slot of the engine
 
 
@@ -74,6 +74,25 @@ def _logprob_fields(body: dict, chat: bool) -> dict:
   return {"logprobs": n, "prompt_logprobs": n if echo else None}
 
 
+def _logit_bias(body: dict) -> Optional[dict]:
+  """OpenAI's {"<token id>": bias} (JSON keys are strings) -> {int id: float bias}."""
+  bias = body.get("logit_bias")
+  if bias is None:
+    return None
+  if not isinstance(bias, dict):
+    raise APIError(400, "'logit_bias' must be an object mapping token ids to biases in [-100, 100]", "logit_bias")
+  out = {}
+  for k, v in bias.items():
+    try:
+      t = int(k)
+    except ValueError:
+      raise APIError(400, f"'logit_bias' key {k!r} is not a token id (an integer)", "logit_bias") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      raise APIError(400, f"'logit_bias' value for {k!r} must be a number, got {v!r}", "logit_bias")
+    out[t] = float(v)
+  return out
+
+
 def num_choices(body: dict) -> int:
   n = _number(body, "n", int)
   if n is not None and not 1 <= n <= MAX_CHOICES:
@@ -88,7 +107,7 @@ def choice_params(params: SamplingParams, n: int) -> list:
 
 
 def sampling_from_body(body: dict, defaults: dict, prompt_len: int, max_len: int,
-                       chat: bool = True) -> SamplingParams:
+                       chat: bool = True, vocab_size: Optional[int] = None) -> SamplingParams:
   """Request fields over the model's generation_config defaults -> validated SamplingParams."""
   for name, allowed in _UNSUPPORTED.items():
     if name in body and body[name] not in allowed:
@@ -98,7 +117,7 @@ def sampling_from_body(body: dict, defaults: dict, prompt_len: int, max_len: int
     v = _number(body, name)
     if v is not None:
       kw[name] = v
-  for name in ("top_k", "seed"):
+  for name in ("top_k", "seed", "min_tokens"):
     v = _number(body, name, int)
     if v is not None:
       kw[name] = v
@@ -133,10 +152,13 @@ def sampling_from_body(body: dict, defaults: dict, prompt_len: int, max_len: int
     kw["stop_token_ids"] = ids
   if body.get("ignore_eos") is not None:
     kw["ignore_eos"] = bool(body["ignore_eos"])
+  bias = _logit_bias(body)
+  if bias:
+    kw["logit_bias"] = bias
   kw.update(_logprob_fields(body, chat))
   params = SamplingParams(**kw)
   try:
-    params.validate()
+    params.validate(vocab_size)
   except ValueError as e:
     raise APIError(400, str(e), str(e).split("=")[0]) from None
   return params

@@ -1,11 +1,12 @@
 """Token sampling for a batch of requests, each row with its own parameters, in one jitted function.
 
-Order (as vLLM and HF): penalties on the raw logits -> greedy rows take the argmax -> temperature
--> top-k -> top-p (on the top-k-renormalised distribution) -> min-p -> categorical draw.
+Order (as vLLM's v1 sampler): logit_bias and min_tokens on the raw logits -> penalties -> greedy
+rows take the argmax -> temperature -> top-k -> top-p (on the top-k-renormalised distribution)
+-> min-p -> categorical draw.
 A row with temperature 0 is greedy. top_k <= 0, top_p >= 1 and min_p <= 0 switch a filter off.
-The top-k/top-p cuts (passes over the vocabulary) are a static choice (`top_k_top_p`, see
-`needs_top_k_top_p`), not a `lax.cond`: on GPU a conditional copies its predicate to the host
-and waits for it, which stalled every batch-1 decode step (WORKSPACE_NOTES.md, Inference, ninth
+The optional passes (the top-k/top-p cuts, the biases) are static choices (`SampleOptions`, see
+`sample_options`), not `lax.cond`s: on GPU a conditional copies its predicate to the host and
+waits for it, which stalled every batch-1 decode step (WORKSPACE_NOTES.md, Inference, ninth
 session).
 Randomness is per row: key = fold_in(fold_in(key(0), seed), step), so a seeded request gives
 the same tokens whatever else is in the batch.
@@ -13,14 +14,16 @@ the same tokens whatever else is in the batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 NEG = -1e30
-MAX_LOGPROBS = 20   # top alternatives a request may ask for per token (vLLM's default limit)
+MAX_LOGPROBS = 20      # top alternatives a request may ask for per token (vLLM's default limit)
+MAX_LOGIT_BIAS = 300   # logit_bias entries per request (OpenAI's limit)
+BIAS_WIDTH = 512       # per-row bias entries on device: logit_bias, then min_tokens' stop ids
 
 
 @dataclasses.dataclass
@@ -40,8 +43,14 @@ class SamplingParams:
   ignore_eos: bool = False
   logprobs: Optional[int] = None         # per generated token: its logprob and this many top ones
   prompt_logprobs: Optional[int] = None  # the same for every prompt token after the first
+  logit_bias: Mapping[int, float] = dataclasses.field(default_factory=dict)   # token id -> added logit
+  min_tokens: int = 0                    # stop ids and stop strings do not end the reply before this
 
-  def validate(self) -> None:
+  def stop_ids(self, eos_ids) -> set:
+    """The token ids that end this request: its stop_token_ids, and the model's EOS unless ignored."""
+    return set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_ids))
+
+  def validate(self, vocab_size: Optional[int] = None) -> None:
     """Raises ValueError naming the field and its allowed range (the server maps it to a 400)."""
     def bad(name, why):
       raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {why}")
@@ -65,6 +74,26 @@ class SamplingParams:
     for name in ("logprobs", "prompt_logprobs"):
       if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_LOGPROBS:
         bad(name, f"use a count in [0, {MAX_LOGPROBS}]")
+    if len(self.logit_bias) > MAX_LOGIT_BIAS:
+      bad("logit_bias", f"give at most {MAX_LOGIT_BIAS} entries")
+    if any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+      bad("logit_bias", "use biases in [-100, 100]")
+    if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.logit_bias):
+      bad("logit_bias", f"every token id must be in the vocabulary [0, {vocab_size})")
+    if not 0 <= self.min_tokens <= self.max_tokens:
+      bad("min_tokens", f"use a count in [0, max_tokens={self.max_tokens}]")
+
+  def bias_entries(self, eos_ids) -> list:
+    """(token id, bias, until) triples, each applied while fewer than `until` tokens are generated:
+    logit_bias for the whole reply, then every stop id held at NEG for the first min_tokens."""
+    out = [(int(t), float(v), 2**32 - 1) for t, v in self.logit_bias.items()]
+    if self.min_tokens:
+      out += [(int(t), NEG, self.min_tokens) for t in sorted(self.stop_ids(eos_ids))]
+    if len(out) > BIAS_WIDTH:
+      raise ValueError(f"min_tokens={self.min_tokens} holds back {len(out) - len(self.logit_bias)} stop ids and "
+                       f"logit_bias has {len(self.logit_bias)} entries: more than {BIAS_WIDTH} in all; "
+                       "send fewer stop_token_ids")
+    return out
 
 
 class SamplingArrays(NamedTuple):
@@ -78,18 +107,48 @@ class SamplingArrays(NamedTuple):
   frequency_penalty: jax.Array
   seed: jax.Array    # uint32
   step: jax.Array    # uint32: tokens generated so far (the draw index)
+  bias_ids: jax.Array     # int32 [B, BIAS_WIDTH]: logits[bias_ids] += bias_vals while step < bias_until
+  bias_vals: jax.Array    # float32 [B, BIAS_WIDTH]
+  bias_until: jax.Array   # uint32 [B, BIAS_WIDTH]; 0 on unused entries
 
   @staticmethod
   def from_params(rows: Sequence[Optional[SamplingParams]], steps: Sequence[int],
-                  seeds: Sequence[int]) -> "SamplingArrays":
-    """Host-side packing; `None` rows (free slots) get greedy defaults."""
+                  seeds: Sequence[int], eos_ids: Sequence[int] = ()) -> "SamplingArrays":
+    """Host-side packing; `None` rows (free slots) get greedy defaults. eos_ids: the model's, which
+    min_tokens holds back with the request's stop_token_ids."""
     p = [r or SamplingParams(temperature=0.0) for r in rows]
     f32 = lambda xs: np.asarray(xs, np.float32)
+    ids = np.zeros((len(p), BIAS_WIDTH), np.int32)
+    vals = np.zeros((len(p), BIAS_WIDTH), np.float32)
+    until = np.zeros((len(p), BIAS_WIDTH), np.uint32)
+    for i, r in enumerate(p):
+      for j, (t, v, u) in enumerate(r.bias_entries(eos_ids)):
+        ids[i, j], vals[i, j], until[i, j] = t, v, u
     return SamplingArrays(
         f32([r.temperature for r in p]), np.asarray([r.top_k for r in p], np.int32),
         f32([r.top_p for r in p]), f32([r.min_p for r in p]), f32([r.repetition_penalty for r in p]),
         f32([r.presence_penalty for r in p]), f32([r.frequency_penalty for r in p]),
-        np.asarray([s % 2**32 for s in seeds], np.uint32), np.asarray(steps, np.uint32))
+        np.asarray([s % 2**32 for s in seeds], np.uint32), np.asarray(steps, np.uint32), ids, vals, until)
+
+
+class SampleOptions(NamedTuple):
+  """The optional passes a sampling program runs (static: one program per combination in use)."""
+  top_k_top_p: bool = True   # the top-k/top-p cuts; tokens are the same without them when no row asks
+  bias: bool = False         # logit_bias / min_tokens entries
+
+
+def sample_options(rows: Sequence[Optional[SamplingParams]]) -> SampleOptions:
+  """The passes these rows need."""
+  rows = [r for r in rows if r is not None]
+  return SampleOptions(top_k_top_p=any(r.top_k > 0 or r.top_p < 1.0 for r in rows),
+                       bias=any(r.logit_bias or r.min_tokens for r in rows))
+
+
+def apply_bias(logits_bv, sp: SamplingArrays):
+  """logit_bias and min_tokens: each row's live entries added at their ids (unused entries add 0)."""
+  live = sp.step[:, None] < sp.bias_until
+  rows = jnp.arange(logits_bv.shape[0])[:, None]
+  return logits_bv.at[rows, sp.bias_ids].add(jnp.where(live, sp.bias_vals, 0.0))
 
 
 def apply_penalties(logits_bv, sp: SamplingArrays, counts_bv, prompt_mask_bv):
@@ -149,11 +208,6 @@ def _top_k_top_p_mask(logits_bv, top_k_b, top_p_b):
   return keys >= cut[:, None]
 
 
-def needs_top_k_top_p(rows: Sequence[Optional[SamplingParams]]) -> bool:
-  """Whether any row asks for top-k or top-p: the static `top_k_top_p` argument of `sample`."""
-  return any(r is not None and (r.top_k > 0 or r.top_p < 1.0) for r in rows)
-
-
 def filter_logits(logits_bv, sp: SamplingArrays, top_k_top_p: bool = True):
   """Temperature-scaled logits with top-k / top-p / min-p exclusions set to NEG.
 
@@ -175,19 +229,22 @@ def row_keys(sp: SamplingArrays):
   return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.fold_in(base, s), n))(sp.seed, sp.step)
 
 
-def sample(logits_bv, sp: SamplingArrays, counts_bv, prompt_mask_bv, top_k_top_p: bool = True, allowed_bv=None):
-  """-> next tokens [B] int32. top_k_top_p (static): False when no row asks for top-k or top-p
-  (`needs_top_k_top_p`), which skips the top-k/top-p cuts; the tokens are the same either way.
+def sample(logits_bv, sp: SamplingArrays, counts_bv, prompt_mask_bv, options: SampleOptions = SampleOptions(),
+           allowed_bv=None):
+  """-> next tokens [B] int32. options (static, `sample_options` of the rows): the optional passes.
   allowed_bv: None, or bool [B, V] of the tokens each row may take (structured outputs).
 
   No run-time branches: every row is drawn and greedy rows then take the argmax (the draw is a
   few elementwise passes over the logits; a branch would cost a host round trip on GPU).
   """
-  logits_bv = apply_penalties(logits_bv.astype(jnp.float32), sp, counts_bv, prompt_mask_bv)
+  logits_bv = jnp.asarray(logits_bv, jnp.float32)
+  if options.bias:
+    logits_bv = apply_bias(logits_bv, sp)
+  logits_bv = apply_penalties(logits_bv, sp, counts_bv, prompt_mask_bv)
   if allowed_bv is not None:
     logits_bv = jnp.where(allowed_bv, logits_bv, NEG)
   greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-  filtered = filter_logits(logits_bv, sp, top_k_top_p)
+  filtered = filter_logits(logits_bv, sp, options.top_k_top_p)
   drawn_b = jax.vmap(jax.random.categorical)(row_keys(sp), filtered).astype(jnp.int32)
   return jnp.where(sp.temperature <= 0.0, greedy_b, drawn_b)
 

@@ -231,7 +231,7 @@ class Handler(BaseHTTPRequestHandler):
         grammar = structured.completion_grammar(self._constraint(body))
       except structured.SchemaError as e:
         raise APIError(400, str(e), self._constraint_field(body)) from None
-    params = oa.sampling_from_body(body, ctx.defaults, len(ids), ctx.engine.max_len, chat)
+    params = oa.sampling_from_body(body, ctx.defaults, len(ids), ctx.engine.max_len, chat, ctx.engine.cfg.vocab_size)
     n = oa.num_choices(body)
     reqs = []
     try:
