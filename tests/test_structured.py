@@ -389,7 +389,8 @@ def test_answer_constraints_from_vllm_and_openai_fields():
   assert ask({"structured_outputs": {"json": json.dumps(schema)}}) == {"json": schema}
   assert ask({"guided_json": schema, "response_format": {"type": "json_object"}}) == {"json": schema}
   assert ask({"guided_choice": ["yes", "no"]}) == {"choice": ["yes", "no"]}
-  for bad, match in [({"structured_outputs": {"regex": "a+"}}, "not supported"),
+  assert ask({"guided_regex": "a+"}) == {"regex": "a+"} and ask({"structured_outputs": {"grammar": "root ::= \"x\""}})
+  for bad, match in [({"structured_outputs": {"regex": ""}}, "non-empty string"),
                      ({"structured_outputs": {"json": schema, "choice": ["a"]}}, "exactly one"),
                      ({"guided_choice": []}, "non-empty"), ({"structured_outputs": "json"}, "must be an object")]:
     with pytest.raises(st.SchemaError, match=match):
@@ -412,6 +413,23 @@ def test_server_completions_and_chat_take_vllm_structured_outputs(client):
   assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.message.content
 
 
+def test_server_regex_and_grammar_constraints(client):
+  """vLLM's regex and (GBNF) grammar constraints, on completions and chat, streamed as not."""
+  import re
+  pattern = r"(yes|no), [0-9]{2,3} (apples|pears)"
+  grammar = 'root ::= item (", " item){0,2}\nitem ::= [a-c]{1,2} "=" ("on" | "off")'
+  for extra, check in [({"structured_outputs": {"regex": pattern}}, lambda t: re.fullmatch(pattern, t)),
+                       ({"guided_regex": pattern}, lambda t: re.fullmatch(pattern, t)),
+                       ({"guided_grammar": grammar},
+                        lambda t: re.fullmatch(r"[a-c]{1,2}=(on|off)(, [a-c]{1,2}=(on|off)){0,2}", t))]:
+    out = client.completions.create(model="tiny", prompt="Say:", max_tokens=40, temperature=1.0, seed=3,
+                                    extra_body=extra)
+    assert check(out.choices[0].text) and out.choices[0].finish_reason == "stop", out.choices[0].text
+    full, chunks = _both(client, extra_body=extra)
+    assert check(full.message.content), full.message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.message.content
+
+
 @pytest.mark.parametrize("kw,param", [
     (dict(tools=SMALL_TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
     (dict(tool_choice="required"), "tool_choice"),
@@ -419,7 +437,8 @@ def test_server_completions_and_chat_take_vllm_structured_outputs(client):
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
     (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"$ref": "http://x"}}}),
      "response_format"),
-    (dict(extra_body={"structured_outputs": {"regex": "[a-z]+"}}), "structured_outputs"),
+    (dict(extra_body={"structured_outputs": {"regex": "([a-z]+"}}), "structured_outputs"),
+    (dict(extra_body={"guided_grammar": 'root ::= root "a" | "b"'}), "guided_grammar"),
     (dict(extra_body={"guided_json": "{not json"}), "guided_json"),
 ])
 def test_server_rejects_what_it_cannot_constrain(client, kw, param):

@@ -6,7 +6,10 @@ import json
 from typing import Any, Optional
 
 from hunyuan_jax.chat.templates import HY3_OPENSOURCE, HY3_PREVIEW, NO_THINK_SUFFIX, _family
-from hunyuan_jax.serve.structured.grammar import Builder, Grammar, Node, SchemaError, _SchemaCompiler, schema_node
+from hunyuan_jax.serve.structured.ebnf import ebnf_node
+from hunyuan_jax.serve.structured.grammar import Builder, Grammar, Node, SchemaError
+from hunyuan_jax.serve.structured.regex import regex_node, string_body
+from hunyuan_jax.serve.structured.schema import _SchemaCompiler, schema_node
 
 GRAMMAR_CACHE = 64      # compiled grammars kept for later requests with the same schema
 _GRAMMARS: dict = {}
@@ -53,7 +56,8 @@ def _hy3_calls(g: Builder, functions: dict, exactly_one: bool, markup) -> Node:
       if fixed is not None and all(isinstance(v, str) for v in fixed):   # strings go raw, as rendered
         value = g.seq(g.alt(*(g.lit(v) for v in fixed)), g.lit(close + "\n"))
       elif sub.get("type") == "string":
-        value = g.seq(g.until(close), g.lit("\n"))
+        raw = string_body(g, sub, json_string=False)
+        value = g.seq(g.until(close), g.lit("\n")) if raw is None else g.seq(raw, g.lit(close + "\n"))
       else:
         value = g.seq(comp.compile(sub), g.lit(close + "\n"))
       one = g.seq(head, value, args)
@@ -67,7 +71,8 @@ def _hy3_calls(g: Builder, functions: dict, exactly_one: bool, markup) -> Node:
 def answer_constraint(body: dict) -> Optional[dict]:
   """What a request asks its answer to be, or None (free text): vLLM's `structured_outputs` (or the
   older `guided_json` / `guided_choice`), else OpenAI's `response_format`. One of {"json": schema},
-  {"json_object": True}, {"choice": [str, ...]}. Raises SchemaError for what it cannot constrain."""
+  {"json_object": True}, {"choice": [str, ...]}, {"regex": str}, {"grammar": EBNF str}. Raises
+  SchemaError for what it cannot constrain."""
   so = body.get("structured_outputs")
   legacy = {k[len("guided_"):]: body[k] for k in ("guided_json", "guided_choice", "guided_regex", "guided_grammar")
             if body.get(k) is not None}
@@ -77,11 +82,12 @@ def answer_constraint(body: dict) -> Optional[dict]:
     asked = {k: v for k, v in {**(so or {}), **legacy}.items() if v not in (None, False)}
     kinds = set(asked) & {"json", "json_object", "choice", "regex", "grammar"}
     if len(kinds) != 1:
-      raise SchemaError(f"structured outputs need exactly one of 'json', 'json_object', 'choice'; got {sorted(asked)}")
+      raise SchemaError("structured outputs need exactly one of 'json', 'json_object', 'choice', 'regex', "
+                        f"'grammar'; got {sorted(asked)}")
     kind = kinds.pop()
-    if kind in ("regex", "grammar"):
-      raise SchemaError(f"structured outputs '{kind}' is not supported; use 'json' or 'choice'")
     value = asked[kind]
+    if kind in ("regex", "grammar") and not (isinstance(value, str) and value):
+      raise SchemaError(f"structured outputs '{kind}' must be a non-empty string")
     if kind == "json" and isinstance(value, str):
       try:
         value = json.loads(value)
@@ -111,6 +117,10 @@ def _answer_node(g: Builder, constraint: dict) -> Node:
     return schema_node(g, constraint["json"])
   if "choice" in constraint:
     return g.alt(*(g.lit(c) for c in constraint["choice"]))
+  if "regex" in constraint:
+    return regex_node(g, constraint["regex"])
+  if "grammar" in constraint:
+    return ebnf_node(g, constraint["grammar"])
   g.any_json()
   return g.ref("object")
 

@@ -1,4 +1,4 @@
-"""Grammars matched byte by byte: interned nodes, JSON-schema compilation, the NFA, token masks.
+"""Grammars matched byte by byte: interned nodes, the NFA over them, token masks.
 
 A grammar is a tree of interned `Node`s. A parse position is a stack of nodes still to match (an
 interned cons list), a state the set of stacks an NFA simulation holds after closure, interned to
@@ -6,11 +6,9 @@ an int. A state's token mask is computed for the whole vocabulary at once, depth
 tokens' bytes with numpy, and cached: inside a string, a number or free text the state repeats, so
 most steps are a lookup.
 
-JSON subset (xgrammar's defaults): object properties in schema order, required ones always and
-optional ones maybe, no others when `properties` is given; at most one space after ':' and ','.
-Keywords: type, enum, const, anyOf, oneOf, allOf (one entry), $ref into $defs / definitions,
-properties, required, additionalProperties, items, minItems (0 or more than 0). String lengths,
-patterns, formats and numeric ranges are not enforced.
+Node kinds: lit (bytes), seq, alt, ref (a named rule), star (item*), rep (the tail of a JSON list),
+bytes (one byte of a 256-bit mask), str / esc / hex (inside a JSON string), num (a JSON number),
+text (free text up to an end, avoiding a string). schema.py and regex.py build them.
 """
 from __future__ import annotations
 
@@ -110,99 +108,6 @@ class Builder:
 
 class SchemaError(ValueError):
   pass
-
-
-class _SchemaCompiler:
-  def __init__(self, g: Builder, root: Any):
-    self.g, self.root = g, root
-
-  def compile(self, s: Any) -> Node:
-    g = self.g
-    if s is True or s == {} or s is None:
-      return g.any_json()
-    if not isinstance(s, dict):
-      raise SchemaError(f"a JSON schema must be an object, got {s!r}")
-    if "$ref" in s:
-      return self._ref(s["$ref"])
-    if "const" in s:
-      return g.json_text(s["const"])
-    if "enum" in s:
-      if not s["enum"]:
-        raise SchemaError("'enum' must list at least one value")
-      return g.alt(*(g.json_text(v) for v in s["enum"]))
-    for key in ("anyOf", "oneOf"):
-      if key in s:
-        return g.alt(*(self.compile(x) for x in s[key]))
-    if "allOf" in s:
-      if len(s["allOf"]) != 1:
-        raise SchemaError("'allOf' with more than one schema is not supported; merge them into one")
-      return self.compile({**{k: v for k, v in s.items() if k != "allOf"}, **s["allOf"][0]})
-    t = s.get("type")
-    if isinstance(t, list):
-      return g.alt(*(self.compile({**s, "type": x}) for x in t))
-    if t is None:
-      t = "object" if "properties" in s else "array" if "items" in s else None
-    if t is None:
-      return g.any_json()
-    if t == "string":
-      return g.string
-    if t in ("number", "integer"):
-      return g.number(t == "integer")
-    if t == "boolean":
-      return g.alt(g.lit("true"), g.lit("false"))
-    if t == "null":
-      return g.lit("null")
-    if t == "array":
-      item = self.compile(s.get("items", True))
-      some = g.seq(g.lit("["), item, g.rep(item, "]"))
-      return some if s.get("minItems", 0) > 0 else g.alt(g.lit("[]"), some)
-    if t == "object":
-      return self._object(s)
-    raise SchemaError(f"unknown JSON schema type {t!r}")
-
-  def _ref(self, ref: str) -> Node:
-    if ref not in self.g.rules:
-      parts = ref.split("/")
-      if parts[0] != "#" or len(parts) != 3 or parts[1] not in ("$defs", "definitions"):
-        raise SchemaError(f"$ref {ref!r} is not supported; use '#/$defs/<name>'")
-      target = (self.root.get(parts[1]) or {}).get(parts[2])
-      if target is None:
-        raise SchemaError(f"$ref {ref!r} names no definition")
-      self.g.rules[ref] = self.g.empty   # a placeholder while compiling (recursive refs)
-      self.g.rules[ref] = self.compile(target)
-    return self.g.ref(ref)
-
-  def _object(self, s: dict) -> Node:
-    g = self.g
-    props = s.get("properties") or {}
-    if not props:
-      extra = s.get("additionalProperties", True)
-      if extra is False:
-        return g.lit("{}")
-      pair = g.seq(g.string, g.lit(":"), g.ws, self.compile(extra))
-      return g.alt(g.lit("{}"), g.seq(g.lit("{"), pair, g.rep(pair, "}")))
-    required = set(s.get("required") or ())
-    unknown = required - set(props)
-    if unknown:
-      raise SchemaError(f"'required' names {sorted(unknown)} that 'properties' does not define")
-    names = list(props)
-    values = [self.compile(props[n]) for n in names]
-    memo: dict = {}
-
-    def members(i: int, first: bool) -> Node:   # the properties from i on, then '}'
-      if i == len(names):
-        return g.lit("}")
-      if (i, first) not in memo:
-        head = g.lit(json.dumps(names[i], ensure_ascii=False) + ":")
-        m = g.seq(g.empty if first else g.seq(g.lit(","), g.ws), head, g.ws, values[i], members(i + 1, False))
-        memo[i, first] = m if names[i] in required else g.alt(m, members(i + 1, first))
-      return memo[i, first]
-
-    return g.seq(g.lit("{"), members(0, True))
-
-
-def schema_node(g: Builder, schema: Any) -> Node:
-  return _SchemaCompiler(g, schema if isinstance(schema, dict) else {}).compile(schema)
 
 
 # ---------------------------------------------------------------------- matching
@@ -315,6 +220,8 @@ class Grammar:
       if s[0] != b:
         return _DEAD
       return self._cell(g.lit(s[1:]), rest) if len(s) > 1 else rest
+    if k == "bytes":   # one byte from a 256-bit mask (regular expressions' character classes)
+      return rest if node.a >> b & 1 else _DEAD
     if k == "str":   # inside a JSON string, after its opening quote
       if b == 0x22:
         return rest
