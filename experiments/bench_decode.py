@@ -48,7 +48,7 @@ from hunyuan_jax.model import forward, init_params, moe_parallel
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve.engine import Engine, cache_bytes
 from hunyuan_jax.serve.loader import make_mesh_for_serving, random_params
-from hunyuan_jax.serve.sampling import SampleOptions, SamplingArrays, SamplingParams, logprob_width, sample
+from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, logprob_width, sample, sample_options
 from profile_util import print_top, top_kernels
 
 flags.DEFINE_string("config", "a13b", "preset")
@@ -62,6 +62,7 @@ flags.DEFINE_integer("timing_steps", 10, "timed repetitions of the decode step")
 flags.DEFINE_string("json_out", "", "write results here")
 flags.DEFINE_float("top_p", 1.0, "top-p of every request (< 1 adds the top-k/top-p cuts to each step)")
 flags.DEFINE_integer("logprobs", None, "every request asks for its tokens' logprobs and this many top ones")
+flags.DEFINE_integer("logit_bias", 0, "every request sets a logit_bias of this many ids (the bias pass runs each step)")
 flags.DEFINE_bool("profile", False, "print the top device kernels of the decode step at full context")
 flags.DEFINE_integer("profile_top", 15, "kernels listed by --profile")
 flags.DEFINE_integer("tensor", 1, "tensor-parallel devices (heads, FFN width and KV heads split)")
@@ -158,7 +159,8 @@ def sampled(b: int) -> SamplingArrays:
 
 def sampling_params(**kw) -> SamplingParams:
   """Temperature 1, and top-p where --top_p < 1 (the top-k/top-p cuts then run every step)."""
-  return SamplingParams(temperature=1.0, top_p=FLAGS.top_p, logprobs=FLAGS.logprobs, **kw)
+  bias = {i * 7 + 1: 0.5 for i in range(FLAGS.logit_bias)}
+  return SamplingParams(temperature=1.0, top_p=FLAGS.top_p, logprobs=FLAGS.logprobs, logit_bias=bias, **kw)
 
 
 def time_fn(fn, args_fn, steps):
@@ -183,7 +185,7 @@ def head_time(params, cfg, b, steps) -> float:
     h = model.apply({"params": p}, h, method=lambda m, x: m.final_norm(x))
     logits = model.apply({"params": p}, h, method=Transformer.logits)[:, 0]
     return sample(logits, sp, jnp.zeros(logits.shape, jnp.int32), jnp.zeros(logits.shape, bool),
-                  SampleOptions(top_k_top_p=FLAGS.top_p < 1.0))
+                  sample_options([sampling_params()]))
   f = jax.jit(head)
   toks = jnp.zeros((b, 1), jnp.int32)
   return time_fn(f, lambda: (params, toks), steps)
@@ -208,7 +210,7 @@ def decode_step_time(eng: Engine, context: int, steps: int, profile: str = "") -
 
   def run():
     _, _, eng.cache, eng.state = eng._decode(eng.params, eng.cache, eng.state, kv_len=kv_len,
-                                             options=SampleOptions(top_k_top_p=FLAGS.top_p < 1.0),
+                                             options=sample_options([sampling_params()]),
                                              logprobs=logprob_width([sampling_params()]))
     return eng.state.tokens_b
   run()

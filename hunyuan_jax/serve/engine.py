@@ -39,8 +39,8 @@ from hunyuan_jax.model import cache_logical_axes, forward, init_cache, moe_paral
 from hunyuan_jax.model.attention import cache_read_in_place
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve import structured
-from hunyuan_jax.serve.sampling import (NEG, SamplingArrays, SamplingParams, logprob_width, sample, sample_options,
-                                        token_logprobs)
+from hunyuan_jax.serve.sampling import (NEG, SamplingArrays, SamplingParams, bias_rows, logprob_width, sample,
+                                        sample_options, token_logprobs)
 
 DROP = 2**30  # a cache position past any buffer: the model's scatter drops the write
 
@@ -144,6 +144,7 @@ class Engine:
     self.cache = jax.jit(make_cache, out_shardings=self._cache_shardings)()
     self.cache_bytes = cache_bytes(self.cache)
     self._sp_host = [None] * b
+    self._bias_host = bias_rows([[]] * b)   # each slot's logit_bias / min_tokens entries, packed once
     self.state = SlotState(jnp.zeros(b, jnp.int32), jnp.full(b, DROP, jnp.int32), jnp.zeros(b, bool),
                            SamplingArrays.from_params([None] * b, [0] * b, [0] * b),
                            jnp.zeros((b, v), jnp.int32), jnp.zeros((b, v), bool))
@@ -243,6 +244,7 @@ class Engine:
           self._finish(r, "abort")
         self.slots[i] = None
     self._sp_host = [None] * self.max_slots
+    self._bias_host = bias_rows([[]] * self.max_slots)
 
   # ---------------------------------------------------------------- scheduling
   def step(self) -> None:
@@ -290,6 +292,7 @@ class Engine:
         continue
       i = free.pop(0)
       r.slot, self.slots[i], self._sp_host[i] = i, r, r.params
+      self._set_bias_row(i, r.params.bias_entries(self.eos_ids))
       self._pos_host[i] = 0
       changed = True
     if changed:
@@ -298,7 +301,12 @@ class Engine:
   def _free(self, i: int):
     self.slots[i] = None
     self._sp_host[i] = None
+    self._set_bias_row(i, [])
     self._upload_rows()
+
+  def _set_bias_row(self, i: int, entries: list):
+    for host, row in zip(self._bias_host, bias_rows([entries])):
+      host[i] = row[0]
 
   def _upload_rows(self):
     """Host mirror -> device rows: active mask, positions, sampling parameters."""
@@ -308,7 +316,7 @@ class Engine:
     pos = np.where(active, self._pos_host, DROP).astype(np.int32)
     steps = [r.scheduled if r else 0 for r in self.slots]
     seeds = [r.seed if r else 0 for r in self.slots]
-    sp = SamplingArrays.from_params(self._sp_host, steps, seeds, sorted(self.eos_ids))
+    sp = SamplingArrays.from_params(self._sp_host, steps, seeds, bias=self._bias_host)
     assert len(active) == b
     self.state = self._set_rows(self.state, active, pos, sp)
 

@@ -113,22 +113,30 @@ class SamplingArrays(NamedTuple):
 
   @staticmethod
   def from_params(rows: Sequence[Optional[SamplingParams]], steps: Sequence[int],
-                  seeds: Sequence[int], eos_ids: Sequence[int] = ()) -> "SamplingArrays":
+                  seeds: Sequence[int], eos_ids: Sequence[int] = (), bias=None) -> "SamplingArrays":
     """Host-side packing; `None` rows (free slots) get greedy defaults. eos_ids: the model's, which
-    min_tokens holds back with the request's stop_token_ids."""
+    min_tokens holds back with the request's stop_token_ids. bias: the rows' (ids, vals, until)
+    arrays already packed (`bias_rows`; the engine keeps them per slot), else packed here."""
     p = [r or SamplingParams(temperature=0.0) for r in rows]
     f32 = lambda xs: np.asarray(xs, np.float32)
-    ids = np.zeros((len(p), BIAS_WIDTH), np.int32)
-    vals = np.zeros((len(p), BIAS_WIDTH), np.float32)
-    until = np.zeros((len(p), BIAS_WIDTH), np.uint32)
-    for i, r in enumerate(p):
-      for j, (t, v, u) in enumerate(r.bias_entries(eos_ids)):
-        ids[i, j], vals[i, j], until[i, j] = t, v, u
+    ids, vals, until = bias if bias is not None else bias_rows([r.bias_entries(eos_ids) for r in p])
     return SamplingArrays(
         f32([r.temperature for r in p]), np.asarray([r.top_k for r in p], np.int32),
         f32([r.top_p for r in p]), f32([r.min_p for r in p]), f32([r.repetition_penalty for r in p]),
         f32([r.presence_penalty for r in p]), f32([r.frequency_penalty for r in p]),
         np.asarray([s % 2**32 for s in seeds], np.uint32), np.asarray(steps, np.uint32), ids, vals, until)
+
+
+def bias_rows(entries: Sequence[list]) -> tuple:
+  """Per-row `bias_entries` -> (ids int32, vals float32, until uint32), each [rows, BIAS_WIDTH]."""
+  ids = np.zeros((len(entries), BIAS_WIDTH), np.int32)
+  vals = np.zeros((len(entries), BIAS_WIDTH), np.float32)
+  until = np.zeros((len(entries), BIAS_WIDTH), np.uint32)
+  for i, e in enumerate(entries):
+    if e:
+      t, v, u = zip(*e)
+      ids[i, :len(e)], vals[i, :len(e)], until[i, :len(e)] = t, v, u
+  return ids, vals, until
 
 
 class SampleOptions(NamedTuple):
