@@ -210,3 +210,26 @@ def test_ebnf_rules_repeats_and_errors():
                     ('root ::= ("a"', "missing"), ('root ::= "a"\nroot ::= "b"', "twice"), ("hello", "EBNF rules")]:
     with pytest.raises(st.SchemaError, match=why):
       ebnf_node(st.Builder(), text)
+
+
+@pytest.mark.parametrize("family", ["tiny", "hy3"])
+def test_tool_string_patterns_hold_in_both_call_formats(family):
+  """A tool argument's `pattern` and `format` bind the value: JSON-escaped in A13B's JSON calls,
+  raw in Hy3's tag-delimited ones."""
+  from hunyuan_jax.chat import render_chat, templates
+  schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                                             "day": {"type": "string", "format": "date"}}, "required": ["code", "day"]}
+  tools = [{"type": "function", "function": {"name": "book", "parameters": schema}}]
+  user = [{"role": "user", "content": "book it"}]
+
+  def reply(args):
+    if family == "tiny":
+      return ("<think>\nok\n</think>\n<answer>\n<tool_calls>[" + json.dumps({"name": "book", "arguments": args})
+              + "]</tool_calls>\n</answer>")
+    call = {"type": "function", "function": {"name": "book", "arguments": json.dumps(args)}}
+    return "ok" + templates.HY3_PREVIEW.think_end + "\n" + templates._hy3_tool_calls([call], templates.HY3_PREVIEW)
+  prompt = render_chat(user, family, tools=tools, **({} if family == "tiny" else {"reasoning_effort": "high"}))
+  grammar = st.chat_grammar(family, prompt, tools=tools, tool_choice="required")
+  assert _accepts(grammar, reply({"code": "PAR", "day": "2026-11-24"}))
+  for bad in ({"code": "Paris", "day": "2026-11-24"}, {"code": "PAR", "day": "24/11/2026"}):
+    assert not _accepts(grammar, reply(bad)), bad
