@@ -267,6 +267,17 @@ def test_logit_bias_and_min_tokens_through_the_client(real):
   assert c.usage.completion_tokens == 3 and c.choices[0].finish_reason == "stop"
 
 
+def test_default_chat_template_kwargs_flag():
+  from hunyuan_jax.serve.server import chat_defaults_from
+  assert chat_defaults_from(None) == {"enable_thinking": True}
+  assert chat_defaults_from('{"reasoning_effort": "low"}', False) == {"enable_thinking": False,
+                                                                      "reasoning_effort": "low"}
+  assert chat_defaults_from('{"enable_thinking": false}', True) == {"enable_thinking": False}
+  for bad in ("{not json", "[1]", '{"temperature": 0.5}', '{"enable_thinking": "no"}'):
+    with pytest.raises(ValueError, match="default_chat_template_kwargs"):
+      chat_defaults_from(bad)
+
+
 def test_openai_client_raises_typed_errors(real):
   _, client, _ = real
   with pytest.raises(openai.BadRequestError, match="temperature"):

@@ -19,6 +19,9 @@ flags.DEFINE_integer("max_slots", 8, "concurrent sequences in the decode batch")
 flags.DEFINE_integer("prefill_chunk", 512, "prompt tokens per prefill call")
 flags.DEFINE_integer("kv_block", 256, "without the decode-attention kernel (non-Hopper), attention reads the cache prefix rounded up to this many rows")
 flags.DEFINE_bool("enable_thinking", True, "default chat_template_kwargs.enable_thinking")
+flags.DEFINE_string("default_chat_template_kwargs", None,
+                    "default chat_template_kwargs as a JSON object (vLLM's flag), e.g. "
+                    "'{\"reasoning_effort\": \"low\"}'; a request's own chat_template_kwargs win")
 flags.DEFINE_bool("use_generation_config", True, "apply the model's generation_config.json sampling defaults")
 flags.DEFINE_bool("quiet", False, "no per-request log lines")
 
@@ -29,15 +32,19 @@ def run(argv=None):
 
   from hunyuan_jax.serve.engine import cache_bytes
   from hunyuan_jax.serve.loader import build_engine, chat_family_for
-  from hunyuan_jax.serve.server import ServeContext, Server
+  from hunyuan_jax.serve.server import ServeContext, Server, chat_defaults_from
 
+  try:
+    chat_defaults = chat_defaults_from(FLAGS.default_chat_template_kwargs, FLAGS.enable_thinking)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   mesh, cfg, params, tok = load_from_flags()
   engine, defaults = build_engine(cfg, params, tok, model_dir=FLAGS.model if FLAGS.use_generation_config else None,
                                   max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
                                   prefill_chunk=FLAGS.prefill_chunk, kv_block=FLAGS.kv_block, mesh=mesh)
   name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model or FLAGS.config))
   ctx = ServeContext(engine, tok, name, chat_family_for(cfg, tok), defaults,
-                     {"enable_thinking": FLAGS.enable_thinking}, FLAGS.api_key, FLAGS.quiet)
+                     chat_defaults, FLAGS.api_key, FLAGS.quiet)
   server = Server(ctx, FLAGS.host, FLAGS.port)
   print(f"serving {name!r} at {server.url} ({FLAGS.max_slots} slots x {engine.max_len} tokens, "
         f"KV cache {cache_bytes(engine.cache) / 2**30:.2f} GiB, sampling defaults {defaults})", flush=True)

@@ -27,6 +27,7 @@ class APIError(Exception):
 _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 _UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, "")}
 MAX_CHOICES = 16   # `n`: each choice takes a slot of the engine
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 def _number(body: dict, name: str, kind=float):
@@ -107,7 +108,7 @@ def choice_params(params: SamplingParams, n: int) -> list:
 
 
 def sampling_from_body(body: dict, defaults: dict, prompt_len: int, max_len: int,
-                       chat: bool = True, vocab_size: Optional[int] = None) -> SamplingParams:
+                       chat: bool = True) -> SamplingParams:
   """Request fields over the model's generation_config defaults -> validated SamplingParams."""
   for name, allowed in _UNSUPPORTED.items():
     if name in body and body[name] not in allowed:
@@ -158,10 +159,17 @@ def sampling_from_body(body: dict, defaults: dict, prompt_len: int, max_len: int
   kw.update(_logprob_fields(body, chat))
   params = SamplingParams(**kw)
   try:
-    params.validate(vocab_size)
+    params.validate()
   except ValueError as e:
-    raise APIError(400, str(e), str(e).split("=")[0]) from None
+    raise invalid_request(e, None) from None
   return params
+
+
+def invalid_request(e: ValueError, param: Optional[str]) -> APIError:
+  """A 400 for a SamplingParams / Engine.submit ValueError: its param is the field the message
+  starts with ("logit_bias=... is invalid: ..."), else `param`."""
+  field = str(e).split("=")[0]
+  return APIError(400, str(e), field if field in _SAMPLING_FIELDS else param)
 
 
 def new_id(prefix: str) -> str:

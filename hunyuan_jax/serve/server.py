@@ -33,6 +33,24 @@ MAX_BODY = 64 << 20
 CHAT_KWARGS = {"enable_thinking": bool, "reasoning_effort": str}
 
 
+def chat_defaults_from(text: str | None, enable_thinking: bool = True) -> dict:
+  """The server's default chat_template_kwargs: vLLM's --default-chat-template-kwargs (a JSON
+  object) over --enable_thinking. Raises ValueError naming the flag and the accepted keys."""
+  out = {"enable_thinking": enable_thinking}
+  try:
+    given = json.loads(text) if text else {}
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--default_chat_template_kwargs is not JSON ({e}); "
+                     "e.g. '{\"enable_thinking\": false}'") from None
+  if not isinstance(given, dict):
+    raise ValueError("--default_chat_template_kwargs must be a JSON object")
+  for k, v in given.items():
+    if k not in CHAT_KWARGS or not isinstance(v, CHAT_KWARGS[k]):
+      raise ValueError(f"--default_chat_template_kwargs {k}={v!r} is not supported; use enable_thinking (bool) "
+                       "or reasoning_effort (str)")
+  return {**out, **given}
+
+
 @dataclasses.dataclass
 class ServeContext:
   engine: Any                      # hunyuan_jax.serve.engine.Engine (or anything with submit/cancel/max_len)
@@ -231,15 +249,15 @@ class Handler(BaseHTTPRequestHandler):
         grammar = structured.completion_grammar(self._constraint(body))
       except structured.SchemaError as e:
         raise APIError(400, str(e), self._constraint_field(body)) from None
-    params = oa.sampling_from_body(body, ctx.defaults, len(ids), ctx.engine.max_len, chat, ctx.engine.cfg.vocab_size)
+    params = oa.sampling_from_body(body, ctx.defaults, len(ids), ctx.engine.max_len, chat)
     n = oa.num_choices(body)
     reqs = []
     try:
       try:
         for p in oa.choice_params(params, n):
           reqs.append(ctx.engine.submit(ids, p, guide=None if grammar is None else ctx.engine.guide(grammar, budget)))
-      except ValueError as e:
-        raise APIError(400, str(e), "messages" if chat else "prompt") from None
+      except ValueError as e:   # what only the engine knows (the vocabulary, its stop ids)
+        raise oa.invalid_request(e, "messages" if chat else "prompt") from None
       echo = None
       if not chat and body.get("echo"):   # the prompt's text (and logprobs) ahead of the completion
         echo = body["prompt"] if isinstance(body["prompt"], str) else ctx.tokenizer.decode(ids)
