@@ -222,6 +222,28 @@ def test_completions_echo_logprobs_as_lm_eval_asks(real):
   assert plain.text == full.text and plain.logprobs is None
 
 
+def test_completions_take_a_batch_of_prompts(real):
+  """OpenAI's batched `prompt` (lm-evaluation-harness sends batches, as strings or token ids):
+  prompt k's choice i has index k * n + i and is what the prompt gets alone; echo is per prompt."""
+  _, client, _ = real
+  texts = ["ab", "The cat sat", "xyz"]
+  ask = dict(model="tiny", max_tokens=5, temperature=0.0, extra_body={"ignore_eos": True})
+  alone = [client.completions.create(prompt=t, **ask).choices[0].text for t in texts]
+  tok = ByteTokenizer()
+  for prompt in (texts, [tok.encode(t) for t in texts]):
+    out = client.completions.create(prompt=prompt, n=2, echo=True, **ask)
+    assert [c.index for c in out.choices] == list(range(6))
+    assert [c.text for c in out.choices] == [t + a for t, a in zip(texts, alone) for _ in range(2)]
+    assert out.usage.prompt_tokens == sum(len(tok.encode(t)) for t in texts) and out.usage.completion_tokens == 30
+    chunks = list(client.completions.create(prompt=prompt, n=2, echo=True, stream=True, **ask))
+    joined = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(6)]
+    assert joined == [c.text for c in out.choices]
+  with pytest.raises(openai.BadRequestError, match="prompt"):
+    client.completions.create(prompt=["ok", ""], **ask)
+  with pytest.raises(openai.BadRequestError, match="prompt"):
+    client.completions.create(prompt=["ok"] * 257, **ask)
+
+
 def test_n_choices_stream_equals_non_stream(real):
   """n seeded samples: choice i draws with seed + i, so they differ, and streaming (chunks of the
   choices interleaved, told apart by index) gives each choice the same text."""

@@ -31,6 +31,7 @@ from hunyuan_jax.serve.openai_api import APIError
 
 MAX_BODY = 64 << 20
 CHAT_KWARGS = {"enable_thinking": bool, "reasoning_effort": str}
+MAX_PROMPTS = 256   # prompts in one completions request (each choice of each takes an engine slot in turn)
 
 
 def chat_defaults_from(text: str | None, enable_thinking: bool = True) -> dict:
@@ -202,16 +203,23 @@ class Handler(BaseHTTPRequestHandler):
     return next((k for k in ("structured_outputs", "guided_json", "guided_choice", "guided_regex", "guided_grammar")
                  if body.get(k) is not None), "response_format")
 
-  def _prompt_ids(self, body: dict) -> list:
+  def _prompts(self, body: dict) -> list:
+    """OpenAI's prompt forms -> [(token ids, text or None)]: a string, a list of token ids, or a
+    batch of either (lm-evaluation-harness sends batches)."""
     p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-      p = p[0]
-    if isinstance(p, str) and p:
-      return self.ctx.tokenizer.encode(p)
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-      return p
-    raise APIError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
-                   "prompt")
+    ids_ok = lambda x: isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+    if isinstance(p, str) or ids_ok(p):
+      p = [p]
+    if isinstance(p, list) and 0 < len(p) <= MAX_PROMPTS and all((isinstance(x, str) and x) or ids_ok(x) for x in p):
+      return [(self.ctx.tokenizer.encode(x), x) if isinstance(x, str) else (x, None) for x in p]
+    raise APIError(400, "'prompt' must be a non-empty string, a list of token ids, or a list of up to "
+                   f"{MAX_PROMPTS} of either", "prompt")
+
+  def _prompt_ids(self, body: dict) -> list:
+    prompts = self._prompts(body)
+    if len(prompts) != 1:
+      raise APIError(400, "send one prompt here", "prompt")
+    return prompts[0][0]
 
   def _tokenize(self, body: dict):
     """vLLM's /tokenize: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
@@ -243,33 +251,37 @@ class Handler(BaseHTTPRequestHandler):
         grammar = grammar or structured.free_reply_grammar(ctx.family, prompt)
       in_reasoning = opens_reasoning(prompt)
       ids = ctx.tokenizer.encode(prompt)
-    else:
-      ids = self._prompt_ids(body)
+    prompts = [(ids, None)] if chat else self._prompts(body)
+    if not chat:
       try:
         grammar = structured.completion_grammar(self._constraint(body))
       except structured.SchemaError as e:
         raise APIError(400, str(e), self._constraint_field(body)) from None
-    params = oa.sampling_from_body(body, ctx.defaults, len(ids), ctx.engine.max_len, chat)
     n = oa.num_choices(body)
+    jobs = []   # (prompt ids, params, echo): n choices per prompt, choice index = prompt * n + i
+    for ids, text in prompts:
+      params = oa.sampling_from_body(body, ctx.defaults, len(ids), ctx.engine.max_len, chat)
+      echo = None
+      if not chat and body.get("echo"):   # the prompt's text (and logprobs) ahead of the completion
+        echo = text if text is not None else ctx.tokenizer.decode(ids)
+      jobs += [(ids, p, echo) for p in oa.choice_params(params, n)]
     reqs = []
     try:
       try:
-        for p in oa.choice_params(params, n):
+        for ids, p, _ in jobs:
           reqs.append(ctx.engine.submit(ids, p, guide=None if grammar is None else ctx.engine.guide(grammar, budget)))
       except ValueError as e:   # what only the engine knows (the vocabulary, its stop ids)
         raise oa.invalid_request(e, "messages" if chat else "prompt") from None
-      echo = None
-      if not chat and body.get("echo"):   # the prompt's text (and logprobs) ahead of the completion
-        echo = body["prompt"] if isinstance(body["prompt"], str) else ctx.tokenizer.decode(ids)
       outs = [_Choice(i, r, StreamParser(ctx.family, bool(tools), in_reasoning=in_reasoning, tools=tools)
-                      if chat else None) for i, r in enumerate(reqs)]
+                      if chat else None, echo=job[2]) for i, (r, job) in enumerate(zip(reqs, jobs))]
       maker = oa.ChunkMaker(ctx.model_name, chat)
+      n_prompt = sum(len(ids) for ids, _ in prompts)
       if body.get("stream"):
         opts = body.get("stream_options") or {}
-        self._stream(outs, maker, chat, tools, bool(opts.get("include_usage")), len(ids), echo,
+        self._stream(outs, maker, chat, tools, bool(opts.get("include_usage")), n_prompt,
                      bool(opts.get("continuous_usage_stats")))
       else:
-        self._respond(outs, maker, chat, tools, in_reasoning, len(ids), echo)
+        self._respond(outs, maker, chat, tools, in_reasoning, n_prompt)
     finally:
       for r in reqs:
         if not r.done:
@@ -314,15 +326,16 @@ class Handler(BaseHTTPRequestHandler):
       ids, entries = req.prompt_ids + ids, (req.prompt_logprobs or [None] * len(req.prompt_ids)) + entries
     return oa.completion_logprobs(ids, entries, self.ctx.tokenizer, offset)
 
-  def _respond(self, outs, maker, chat, tools, in_reasoning, n_prompt, echo=None):
+  def _respond(self, outs, maker, chat, tools, in_reasoning, n_prompt):
     for _ in self._events(outs):
       pass
     choices = []
     for c in outs:
       r = c.req
       if not chat:
-        logprobs, _ = self._logprobs(r, False, r.logprobs, echo=echo is not None)
-        choices.append(maker.choice(c.index, (echo or "") + r.text, oa.finish_reason(r.finish_reason, []), logprobs))
+        logprobs, _ = self._logprobs(r, False, r.logprobs, echo=c.echo is not None)
+        choices.append(maker.choice(c.index, (c.echo or "") + r.text, oa.finish_reason(r.finish_reason, []),
+                                    logprobs))
         continue
       out = parse_output(r.text, self.ctx.family, tools_enabled=bool(tools), in_reasoning=in_reasoning, tools=tools)
       choices.append(maker.choice(c.index, oa.chat_message(out.reasoning, out.content, out.tool_calls),
@@ -334,7 +347,7 @@ class Handler(BaseHTTPRequestHandler):
                      + b"\n\n")
     self.wfile.flush()
 
-  def _stream(self, outs, maker, chat, tools, include_usage, n_prompt, echo=None, continuous_usage=False):
+  def _stream(self, outs, maker, chat, tools, include_usage, n_prompt, continuous_usage=False):
     """SSE chunks, each for one choice (`index`). A token's logprobs ride on the first chunk of its
     choice sent after it arrives (a token whose text is held back, e.g. a possible stop string,
     passes them on), so the chunks' logprobs joined are the non-streamed response's. With
@@ -361,9 +374,9 @@ class Handler(BaseHTTPRequestHandler):
       if chat:
         self._sse(maker.chunk({"role": "assistant", "content": ""}, index=c.index, usage_so_far=so_far()))
     for c, d in self._events(outs):
-      if echo is not None and not c.started:   # prompt logprobs are set before the first token arrives
+      if c.echo is not None and not c.started:   # prompt logprobs are set before the first token arrives
         logprobs, c.offset = self._logprobs(c.req, False, [], echo=True)
-        self._sse(maker.chunk({"content": echo}, logprobs=logprobs, index=c.index, usage_so_far=so_far()))
+        self._sse(maker.chunk({"content": c.echo}, logprobs=logprobs, index=c.index, usage_so_far=so_far()))
       c.started = True
       c.held += d.logprobs
       c.tokens += len(d.token_ids)
@@ -390,10 +403,11 @@ class Handler(BaseHTTPRequestHandler):
 
 @dataclasses.dataclass(eq=False)
 class _Choice:
-  """One choice of a request (`n` > 1 makes several), and its streaming state."""
+  """One choice of a request (`n` > 1 or a batch of prompts makes several), and its streaming state."""
   index: int
   req: Any
   parser: Any = None        # StreamParser (chat)
+  echo: Optional[str] = None   # completions' echo: the prompt's text, sent ahead of the choice's
   sent_calls: int = 0
   held: list = dataclasses.field(default_factory=list)   # logprobs not yet sent
   offset: int = 0           # legacy completions' text offset
