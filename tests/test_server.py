@@ -290,7 +290,7 @@ def test_logit_bias_and_min_tokens_through_the_client(real):
 
 
 def test_default_chat_template_kwargs_flag():
-  from hunyuan_jax.serve.server import chat_defaults_from
+  from hunyuan_jax.serve.openai_api import chat_defaults_from
   assert chat_defaults_from(None) == {"enable_thinking": True}
   assert chat_defaults_from('{"reasoning_effort": "low"}', False) == {"enable_thinking": False,
                                                                       "reasoning_effort": "low"}

@@ -32,7 +32,8 @@ def run(argv=None):
 
   from hunyuan_jax.serve.engine import cache_bytes
   from hunyuan_jax.serve.loader import build_engine, chat_family_for
-  from hunyuan_jax.serve.server import ServeContext, Server, chat_defaults_from
+  from hunyuan_jax.serve.openai_api import chat_defaults_from
+  from hunyuan_jax.serve.server import ServeContext, Server
 
   try:
     chat_defaults = chat_defaults_from(FLAGS.default_chat_template_kwargs, FLAGS.enable_thinking)

@@ -6,6 +6,7 @@ Every problem a client can cause becomes an `APIError` with OpenAI's error body
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from typing import Any, Optional
@@ -92,6 +93,30 @@ def _logit_bias(body: dict) -> Optional[dict]:
       raise APIError(400, f"'logit_bias' value for {k!r} must be a number, got {v!r}", "logit_bias")
     out[t] = float(v)
   return out
+
+
+CHAT_KWARGS = {"enable_thinking": bool, "reasoning_effort": str}   # what the chat renderers take
+
+
+def chat_kwargs(given: Any, name: str) -> dict:
+  """`given` checked against CHAT_KWARGS; the ValueError names `name` (the field or flag)."""
+  if not isinstance(given, dict):
+    raise ValueError(f"'{name}' must be an object")
+  for k, v in given.items():
+    if k not in CHAT_KWARGS or not isinstance(v, CHAT_KWARGS[k]):
+      raise ValueError(f"{name} {k}={v!r} is not supported; use enable_thinking (bool) or reasoning_effort (str)")
+  return dict(given)
+
+
+def chat_defaults_from(text: Optional[str], enable_thinking: bool = True) -> dict:
+  """The server's default chat_template_kwargs: vLLM's --default-chat-template-kwargs (a JSON
+  object) over --enable_thinking. Raises ValueError naming the flag and the accepted keys."""
+  try:
+    given = json.loads(text) if text else {}
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--default_chat_template_kwargs is not JSON ({e}); "
+                     "e.g. '{\"enable_thinking\": false}'") from None
+  return {"enable_thinking": enable_thinking, **chat_kwargs(given, "--default_chat_template_kwargs")}
 
 
 def num_choices(body: dict) -> int:

@@ -30,26 +30,7 @@ from hunyuan_jax.serve import structured
 from hunyuan_jax.serve.openai_api import APIError
 
 MAX_BODY = 64 << 20
-CHAT_KWARGS = {"enable_thinking": bool, "reasoning_effort": str}
 MAX_PROMPTS = 256   # prompts in one completions request (each choice of each takes an engine slot in turn)
-
-
-def chat_defaults_from(text: str | None, enable_thinking: bool = True) -> dict:
-  """The server's default chat_template_kwargs: vLLM's --default-chat-template-kwargs (a JSON
-  object) over --enable_thinking. Raises ValueError naming the flag and the accepted keys."""
-  out = {"enable_thinking": enable_thinking}
-  try:
-    given = json.loads(text) if text else {}
-  except json.JSONDecodeError as e:
-    raise ValueError(f"--default_chat_template_kwargs is not JSON ({e}); "
-                     "e.g. '{\"enable_thinking\": false}'") from None
-  if not isinstance(given, dict):
-    raise ValueError("--default_chat_template_kwargs must be a JSON object")
-  for k, v in given.items():
-    if k not in CHAT_KWARGS or not isinstance(v, CHAT_KWARGS[k]):
-      raise ValueError(f"--default_chat_template_kwargs {k}={v!r} is not supported; use enable_thinking (bool) "
-                       "or reasoning_effort (str)")
-  return {**out, **given}
 
 
 @dataclasses.dataclass
@@ -151,17 +132,13 @@ class Handler(BaseHTTPRequestHandler):
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
       raise APIError(400, "'messages' is required: a non-empty list of {role, content}", "messages")
-    kw = dict(self.ctx.chat_defaults)
     extra = body.get("chat_template_kwargs") or {}
-    if not isinstance(extra, dict):
-      raise APIError(400, "'chat_template_kwargs' must be an object", "chat_template_kwargs")
-    if body.get("reasoning_effort") is not None:
+    if body.get("reasoning_effort") is not None and isinstance(extra, dict):
       extra = {"reasoning_effort": body["reasoning_effort"], **extra}
-    for k, v in extra.items():
-      if k not in CHAT_KWARGS or not isinstance(v, CHAT_KWARGS[k]):
-        raise APIError(400, f"chat_template_kwargs {k}={v!r} is not supported; use "
-                       "enable_thinking (bool) or reasoning_effort (str)", "chat_template_kwargs")
-      kw[k] = v
+    try:
+      kw = {**self.ctx.chat_defaults, **oa.chat_kwargs(extra, "chat_template_kwargs")}
+    except ValueError as e:
+      raise APIError(400, str(e), "chat_template_kwargs") from None
     tools = body.get("tools") or None
     choice = body.get("tool_choice", "auto")
     if tools is not None and not isinstance(tools, list):
