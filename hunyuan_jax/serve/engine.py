@@ -80,6 +80,7 @@ class Request:
   scheduled: int = 0          # tokens whose computation has been dispatched
   seed: int = 0
   _decoder: Any = None
+  _bias: list = dataclasses.field(default_factory=list)   # SamplingParams.bias_entries, packed at admission
   _emitted: int = 0           # chars of `text` already sent as deltas
 
   @property
@@ -185,8 +186,8 @@ class Engine:
     bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
     if bad:
       raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
-    params.bias_entries(self.eos_ids)   # raises if min_tokens' stop ids do not fit
     req = Request(prompt_ids, params, id=request_id or f"req-{next(self._ids)}", guide=guide)
+    req._bias = params.bias_entries(self.eos_ids)   # raises if min_tokens' stop ids do not fit
     req.seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31))
     if self.tokenizer is not None:
       from hunyuan_jax.tokenizer import StreamDecoder
@@ -292,7 +293,7 @@ class Engine:
         continue
       i = free.pop(0)
       r.slot, self.slots[i], self._sp_host[i] = i, r, r.params
-      self._set_bias_row(i, r.params.bias_entries(self.eos_ids))
+      self._set_bias_row(i, r._bias)
       self._pos_host[i] = 0
       changed = True
     if changed:
