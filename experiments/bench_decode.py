@@ -73,6 +73,9 @@ FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+PREFIX_TURN = 64   # new tokens of the next-turn TTFT (a chat turn on the prefix cache)
+
+
 def truncate_layers(cfg: ModelConfig, n: int) -> ModelConfig:
   per_layer = {f.name: getattr(cfg, f.name)[:n] for f in dataclasses.fields(cfg)
                if isinstance(getattr(cfg, f.name), tuple) and len(getattr(cfg, f.name)) == cfg.num_layers}
@@ -230,19 +233,31 @@ def decode_step_time(eng: Engine, context: int, steps: int, profile: str = "") -
   return pipelined, float(np.median(ts))
 
 
-def engine_run(eng: Engine, b: int, input_len: int, output_len: int, vocab: int):
-  """TTFT of one prompt (after a warm-up request), then b prompts x output_len tokens through the loop."""
-  rng = np.random.default_rng(0)
-  prompt = lambda: [int(t) for t in rng.integers(0, min(vocab, 30000), input_len)]
-  params = sampling_params(max_tokens=output_len, ignore_eos=True)
-  eng.generate([prompt()], dataclasses.replace(params, max_tokens=2))          # compile prefill + decode
-  r = eng.submit(prompt(), dataclasses.replace(params, max_tokens=2))
+def first_token_s(eng: Engine, prompt, params):
+  r = eng.submit(prompt, params)
   t = time.perf_counter()
   while not r.output_ids:
     eng.step()
   ttft = time.perf_counter() - t
   while not r.done:
     eng.step()
+  return ttft, r
+
+
+def engine_run(eng: Engine, b: int, input_len: int, output_len: int, vocab: int):
+  """TTFT of one prompt and of a next turn (PREFIX_TURN more tokens on the prefix cache), each
+  after a warm-up request, then b prompts x output_len tokens through the loop."""
+  rng = np.random.default_rng(0)
+  prompt = lambda: [int(t) for t in rng.integers(0, min(vocab, 30000), input_len)]
+  params = sampling_params(max_tokens=output_len, ignore_eos=True)
+  two = dataclasses.replace(params, max_tokens=2)
+  extra = min(PREFIX_TURN, eng.max_len - input_len - 4)
+  turn = lambda r: r.prompt_ids + r.output_ids + prompt()[:extra]
+  warm = eng.generate([prompt()], two)[0]          # compile prefill + decode
+  eng.generate([turn(warm)], two)                  # and a next turn's prefill
+  ttft, r = first_token_s(eng, prompt(), two)
+  ttft_turn, r = first_token_s(eng, turn(r), two)
+  assert r.cached == input_len + 1, r.cached       # the prompt and the first output token
   reqs = [eng.submit(prompt(), dataclasses.replace(params, seed=i)) for i in range(b)]
   t0 = time.perf_counter()
   while not all(q.output_ids for q in reqs):
@@ -254,7 +269,7 @@ def engine_run(eng: Engine, b: int, input_len: int, output_len: int, vocab: int)
     eng.step()
   t_dec = time.perf_counter() - t1
   n = sum(len(q.output_ids) for q in reqs) - n0
-  return ttft, t_first, n / t_dec
+  return ttft, ttft_turn, t_first, n / t_dec
 
 
 def _in_use(dev) -> float:
@@ -313,7 +328,7 @@ def main(_):
       print(f"batch {b}: cache {eng.cache_bytes / 2**30:.1f} GiB, read in place by the kernel: "
             f"{eng.cache_in_place}; device 0 holds {_in_use(dev):.1f} GiB", flush=True)
       t_stage = time.perf_counter()
-      ttft, t_first, tok_s_run = engine_run(eng, b, FLAGS.input_len, FLAGS.output_len, cfg.vocab_size)
+      ttft, ttft_turn, t_first, tok_s_run = engine_run(eng, b, FLAGS.input_len, FLAGS.output_len, cfg.vocab_size)
       # Every timed step (and the profiler's) must stay inside the cache: a slot at a position
       # past it reads no rows (its writes are dropped), which would time a step without its KV.
       ctx_lo, ctx_hi = FLAGS.input_len + 1, max_len - 2 * FLAGS.timing_steps - 16
@@ -334,7 +349,7 @@ def main(_):
       gc.collect()
       continue
     print(f"batch {b}: measured in {time.perf_counter() - t_stage:.0f} s (compiles included)", flush=True)
-    row = dict(batch=b, layers=n_layers, cache_gib=cache_bytes(eng.cache) / 2**30, ttft_s=ttft,
+    row = dict(batch=b, layers=n_layers, cache_gib=cache_bytes(eng.cache) / 2**30, ttft_s=ttft, ttft_turn_s=ttft_turn,
                first_tokens_all_s=t_first, engine_tok_s=tok_s_run, head_ms=t_head * 1e3,
                uniform_distinct_experts=uniform_distinct_experts(cfg, b))
     for name, ctx, (t, t_sync), ex in (("lo", ctx_lo, t_lo, ex_lo), ("hi", ctx_hi, t_hi, ex_hi)):
@@ -357,13 +372,13 @@ def main(_):
     print(json.dumps(row), flush=True)
     del eng
     gc.collect()
-  print(f"\n| batch | TTFT {FLAGS.input_len} (s) | engine tok/s ({n_layers}L, ctx {FLAGS.input_len}+{FLAGS.output_len}) "
+  print(f"\n| batch | TTFT {FLAGS.input_len} (s) | TTFT next turn, +{min(PREFIX_TURN, FLAGS.full_output_len - 4)} on {FLAGS.input_len + 1} cached (s) | engine tok/s ({n_layers}L, ctx {FLAGS.input_len}+{FLAGS.output_len}) "
         f"| step ms @{FLAGS.input_len + 1} / roofline / frac | step ms @{max_len - 2 * FLAGS.timing_steps - 16} / roofline / frac "
         f"| per-layer ms lo/hi | 32L step ms lo/hi | 32L frac lo/hi | 32L tok/s (2048->16384) "
         f"| one step waited for, ms lo/hi | experts read lo/hi (uniform) |")
-  print("|" + "---|" * 11)
+  print("|" + "---|" * 12)
   for r in rows:
-    print(f"| {r['batch']} | {r['ttft_s']:.3f} | {r['engine_tok_s']:.1f} | {r['step_ms_lo']:.2f} / "
+    print(f"| {r['batch']} | {r['ttft_s']:.3f} | {r['ttft_turn_s']:.3f} | {r['engine_tok_s']:.1f} | {r['step_ms_lo']:.2f} / "
           f"{r['roof_ms_lo']:.2f} / {r['frac_lo']:.0%} | {r['step_ms_hi']:.2f} / {r['roof_ms_hi']:.2f} / "
           f"{r['frac_hi']:.0%} | {r['per_layer_ms_lo']:.3f} / {r['per_layer_ms_hi']:.3f} | "
           f"{r['step32_ms_lo']:.1f} / {r['step32_ms_hi']:.1f} | {r['frac32_lo']:.0%} / {r['frac32_hi']:.0%} | "

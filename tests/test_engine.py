@@ -188,6 +188,49 @@ def test_min_tokens_and_logit_bias(engine):
     engine.submit(p, SamplingParams(logit_bias={10**6: 1.0}))
 
 
+def test_prefix_cache_reuses_a_finished_turn(engine, uncached_logits):
+  """A prompt that extends a finished request's prompt and output starts from that slot's rows:
+  only the new tokens are prefilled, the tokens are the uncached ones, and the repetition-penalty
+  mask still holds the whole prompt. A prompt_logprobs request computes every row."""
+  first = engine.generate([_prompts(13, [30])[0]], GREEDY)[0]
+  follow = first.prompt_ids + first.output_ids + _prompts(14, [6])[0]
+  r = engine.generate([follow], GREEDY)[0]
+  assert r.cached == 30 + 8 - 1                        # the last output was never fed back
+  assert r.slot == first.slot
+  assert r.output_ids == _greedy_alone(uncached_logits, follow, 8)
+  in_prompt = np.zeros(engine.cfg.vocab_size, bool)
+  in_prompt[follow] = True
+  np.testing.assert_array_equal(np.asarray(engine.state.prompt_bv[r.slot]), in_prompt)
+  again = engine.generate([follow], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True,
+                                                    prompt_logprobs=1))[0]
+  assert again.cached == 0 and len(again.prompt_logprobs) == len(follow)
+  assert again.output_ids == r.output_ids[:2]
+
+
+def test_prefix_cache_copies_a_busy_slots_rows(engine, uncached_logits):
+  """A prompt sharing a prefix with a request still decoding gets a copy of its rows in another
+  slot; neither request's tokens change."""
+  long_p = _prompts(15, [40])[0]
+  shared = long_p[:24] + _prompts(16, [9])[0]
+  a = engine.submit(long_p, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+  while len(a.output_ids) < 3:
+    engine.step()
+  b = engine.submit(shared, GREEDY)
+  while not (a.done and b.done):
+    engine.step()
+  assert b.cached == 24 and b.slot != a.slot
+  assert b.output_ids == _greedy_alone(uncached_logits, shared, 8)
+  assert a.output_ids == _greedy_alone(uncached_logits, long_p, 30)
+
+
+def test_prefix_caching_off_prefills_every_token(model):
+  cfg, params = model
+  eng = Engine(cfg, params, max_slots=1, max_len=MAX_LEN, prefill_chunk=16, kv_block=64, prefix_caching=False)
+  p = _prompts(17, [20])[0]
+  one, two = (eng.generate([p], GREEDY)[0] for _ in range(2))
+  assert one.cached == two.cached == 0 and one.output_ids == two.output_ids
+
+
 def test_cancel_frees_slot_and_bad_prompts_raise(engine):
   p = _prompts(6, [7])[0]
   r = engine.submit(p, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))

@@ -263,6 +263,26 @@ def test_n_choices_stream_equals_non_stream(real):
   assert [c.index for c in comp.choices] == [0, 1] and comp.choices[0].text == comp.choices[1].text
 
 
+def test_prefix_cache_shows_in_usage(real):
+  """A prompt extending a finished one reuses its rows; usage.prompt_tokens_details.cached_tokens
+  counts them (OpenAI's field), streamed or not, and the text is what a fresh prefill gives."""
+  srv, client, submitted = real
+  text = "the quick brown fox jumps"
+  client.completions.create(model="tiny", prompt=text, max_tokens=4, temperature=0.0, extra_body=NO_EOS)
+  first = submitted[-1]
+  longer = dict(model="tiny", prompt=text + " over the lazy dog", max_tokens=5, temperature=0.0, extra_body=NO_EOS)
+  chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **longer))
+  second = submitted[-1]
+  held = first.prompt_ids + first.output_ids[:-1]
+  shared = next((k for k, (a, b) in enumerate(zip(second.prompt_ids[:-1], held)) if a != b),
+                min(len(held), len(second.prompt_ids) - 1))
+  assert shared >= len(first.prompt_ids)
+  assert second.cached == chunks[-1].usage.prompt_tokens_details.cached_tokens == shared
+  fresh = client.completions.create(echo=True, logprobs=1, **longer)   # echo's logprobs compute every row
+  assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+  assert fresh.choices[0].text == longer["prompt"] + "".join(c.choices[0].text for c in chunks if c.choices)
+
+
 def test_tokenize_counts_match_usage(real):
   srv, client, _ = real
   status, tok = _raw(srv, "POST", "/tokenize", {"model": "tiny", "messages": USER})

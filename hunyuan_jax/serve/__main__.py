@@ -18,6 +18,9 @@ flags.DEFINE_string("api_key", None, "require 'Authorization: Bearer <key>' on /
 flags.DEFINE_integer("max_slots", 8, "concurrent sequences in the decode batch")
 flags.DEFINE_integer("prefill_chunk", 512, "prompt tokens per prefill call")
 flags.DEFINE_integer("kv_block", 256, "without the decode-attention kernel (non-Hopper), attention reads the cache prefix rounded up to this many rows")
+flags.DEFINE_bool("enable_prefix_caching", True,
+                  "a new request reuses the cached rows of the longest shared prompt prefix (a conversation's "
+                  "earlier turns, a common system prompt); usage.prompt_tokens_details.cached_tokens counts them")
 flags.DEFINE_bool("enable_thinking", True, "default chat_template_kwargs.enable_thinking")
 flags.DEFINE_string("default_chat_template_kwargs", None,
                     "default chat_template_kwargs as a JSON object (vLLM's flag), e.g. "
@@ -42,7 +45,8 @@ def run(argv=None):
   mesh, cfg, params, tok = load_from_flags()
   engine, defaults = build_engine(cfg, params, tok, model_dir=FLAGS.model if FLAGS.use_generation_config else None,
                                   max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
-                                  prefill_chunk=FLAGS.prefill_chunk, kv_block=FLAGS.kv_block, mesh=mesh)
+                                  prefill_chunk=FLAGS.prefill_chunk, kv_block=FLAGS.kv_block, mesh=mesh,
+                                  prefix_caching=FLAGS.enable_prefix_caching)
   name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model or FLAGS.config))
   ctx = ServeContext(engine, tok, name, chat_family_for(cfg, tok), defaults,
                      chat_defaults, FLAGS.api_key, FLAGS.quiet)

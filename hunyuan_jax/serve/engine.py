@@ -3,6 +3,12 @@
     submit(prompt ids) -> waiting -> a free slot -> prefill in chunks (batch 1, the slot's cache row)
       -> first token sampled in the last chunk -> decode steps over ALL slots at once -> stop -> free
 
+Prefix caching: a freed slot keeps its rows, and the engine remembers the tokens they hold. A new
+request goes to the free slot whose rows share the longest prefix with its prompt (the previous
+turn of a conversation), or, where a busy slot shares more (a common system prompt), that
+slot's rows are copied into a free one; prefill starts after the shared prefix. With no match
+the least recently freed slot is taken, so recent conversations keep their rows longest.
+
 Both prefill and decode call the core `forward` with a cache (rows are independent: a query at
 position p sees cache rows j <= p of its own slot, so a reused slot never sees stale entries).
 Shapes are bucketed so requests join and leave without recompiling: the decode batch is always
@@ -76,16 +82,26 @@ class Request:
   cancelled: bool = False
   # engine bookkeeping
   slot: int = -1
+  cached: int = 0             # prompt tokens whose K/V came from the prefix cache (not computed)
   prefilled: int = 0
   scheduled: int = 0          # tokens whose computation has been dispatched
   seed: int = 0
   _decoder: Any = None
-  _bias: list = dataclasses.field(default_factory=list)   # SamplingParams.bias_entries, packed at admission
+  _bias: list = dataclasses.field(default_factory=list)   # SamplingParams.bias_entries, packed at submit
+  _prompt_bits: Any = None    # the prompt's tokens as a packed [V / 8] mask (repetition penalty)
   _emitted: int = 0           # chars of `text` already sent as deltas
 
   @property
   def done(self) -> bool:
     return self.finish_reason is not None
+
+  def rows_written(self) -> list:
+    """The tokens whose K/V rows are in (or dispatched to) this request's slot, from position 0:
+    the prompt so far, then each output token but the last (an output is written when it is
+    fed back, which happens in the step after it was sampled)."""
+    if self.prefilled < len(self.prompt_ids):
+      return self.prompt_ids[:self.prefilled]
+    return self.prompt_ids + self.output_ids[:-1]
 
 
 class SlotState(NamedTuple):
@@ -124,9 +140,10 @@ def _rows_to_cache(cache, kv_rows, pos_bt, b_idx=None):
 class Engine:
   def __init__(self, cfg: ModelConfig, params, *, max_slots: int = 8, max_len: Optional[int] = None,
                prefill_chunk: int = 512, kv_block: int = 256, tokenizer=None, eos_ids: Sequence[int] = (),
-               mesh=None, cache_dtype=None):
+               mesh=None, cache_dtype=None, prefix_caching: bool = True):
     self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
     self.max_slots = max_slots
+    self.prefix_caching = prefix_caching
     self.max_len = int(max_len or cfg.max_position_embeddings)
     self.prefill_chunk = max(16, 1 << (int(prefill_chunk) - 1).bit_length())
     self.kv_block = kv_block
@@ -154,6 +171,9 @@ class Engine:
       self._state_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       self.state = jax.device_put(self.state, self._state_sharding)
     self.slots: list[Optional[Request]] = [None] * b
+    self._held = [np.zeros(0, np.int32)] * b   # a free slot's tokens (Request.rows_written at its end)
+    self._freed_at = [0] * b                   # when each slot was last freed (least recent reused first)
+    self._clock = itertools.count(1)
     self._pos_host = np.zeros(b, np.int64)
     self._waiting: "queue.Queue[Request]" = queue.Queue()
     self._pending: list = []    # (device tokens, device logprobs or None, [(index, slot, request)]) not yet read
@@ -170,6 +190,7 @@ class Engine:
     self._prefill = jax.jit(self._on_mesh(self._prefill_fn), static_argnames=static + ("prompt_logprobs",),
                             donate_argnums=(1, 2))
     self._set_rows = jax.jit(self._set_rows_fn, donate_argnums=(0,))
+    self._copy_rows = jax.jit(self._copy_rows_fn, static_argnames=("n",), donate_argnums=(0,))
 
   # ---------------------------------------------------------------- public API (thread-safe)
   def submit(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
@@ -188,6 +209,9 @@ class Engine:
       raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
     req = Request(prompt_ids, params, id=request_id or f"req-{next(self._ids)}", guide=guide)
     req._bias = params.bias_entries(self.eos_ids)   # raises if min_tokens' stop ids do not fit
+    in_prompt = np.zeros(self.cfg.vocab_size, bool)
+    in_prompt[prompt_ids] = True
+    req._prompt_bits = np.packbits(in_prompt)
     req.seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31))
     if self.tokenizer is not None:
       from hunyuan_jax.tokenizer import StreamDecoder
@@ -246,6 +270,7 @@ class Engine:
         self.slots[i] = None
     self._sp_host = [None] * self.max_slots
     self._bias_host = bias_rows([[]] * self.max_slots)
+    self._held = [np.zeros(0, np.int32)] * self.max_slots   # a failed program may have lost the cache
 
   # ---------------------------------------------------------------- scheduling
   def step(self) -> None:
@@ -284,22 +309,53 @@ class Engine:
         self._free(i)
 
   def _admit(self):
-    free = [i for i, r in enumerate(self.slots) if r is None]
     changed = False
-    while free and not self._waiting.empty():
+    while None in self.slots and not self._waiting.empty():
       r = self._waiting.get()
       if r.cancelled:
         self._finish(r, "abort")
         continue
-      i = free.pop(0)
+      i, source, n = self._place(r)
+      if source != i:
+        self.cache = self._copy_rows(self.cache, np.int32(source), np.int32(i), n=self._copy_len(n))
       r.slot, self.slots[i], self._sp_host[i] = i, r, r.params
+      r.cached = r.prefilled = n
       self._set_bias_row(i, r._bias)
       self._pos_host[i] = 0
       changed = True
     if changed:
       self._upload_rows()
 
+  def _place(self, r: Request) -> tuple[int, int, int]:
+    """(the free slot r takes, the slot whose rows it starts from, how many of them it keeps)."""
+    free = [i for i, s in enumerate(self.slots) if s is None]
+    oldest = min(free, key=self._freed_at.__getitem__)
+    if not self.prefix_caching or r.params.prompt_logprobs is not None:   # those need every prompt row's logits
+      return oldest, oldest, 0
+    prompt = np.asarray(r.prompt_ids[:-1], np.int32)   # the last prompt token runs: its logits give the first output
+    match = [_common_prefix(prompt, self._held[i] if s is None else np.asarray(s.rows_written(), np.int32))
+             for i, s in enumerate(self.slots)]
+    best_free = max(free, key=lambda i: (match[i], -self._freed_at[i]))
+    best = max(range(self.max_slots), key=match.__getitem__)
+    if match[best] >= match[best_free] + MIN_COPY:   # a busy slot shares more: copy its rows
+      return oldest, best, match[best]
+    return best_free, best_free, match[best_free]
+
+  def _copy_len(self, n: int) -> int:
+    """Rows a prefix copy moves: n rounded up to a power of two (one program per size)."""
+    return min(self.max_len, max(MIN_COPY, 1 << (n - 1).bit_length()))
+
+  def _copy_rows_fn(self, cache, source, dest, *, n):
+    """The first n cache rows of slot `source` -> slot `dest` (rows past the shared prefix are
+    rewritten by the prefill, or lie past the slot's length)."""
+    def copy(x):   # [R, B, n_kv, S, D]
+      rows = jax.lax.dynamic_slice_in_dim(x, source, 1, axis=1)[:, :, :, :n]
+      return jax.lax.dynamic_update_slice_in_dim(x, rows, dest, axis=1)
+    return self._constrain(jax.tree.map(copy, cache))
+
   def _free(self, i: int):
+    self._held[i] = np.asarray(self.slots[i].rows_written(), np.int32)
+    self._freed_at[i] = next(self._clock)
     self.slots[i] = None
     self._sp_host[i] = None
     self._set_bias_row(i, [])
@@ -348,8 +404,8 @@ class Engine:
       nxt[:n] = r.prompt_ids[start + 1:start + n + 1] + [0] * last
       allowed = r.guide.allowed_bits() if (last and r.guide is not None) else None
       first_tok, lp, prompt_lp, self.cache, self.state = self._prefill(
-          self.params, self.cache, self.state, allowed, np.int32(i), toks, pos, nxt, np.int32(n - 1),
-          np.bool_(start == 0), np.bool_(last), kv_len=self._kv_len(start + n),
+          self.params, self.cache, self.state, allowed, r._prompt_bits, np.int32(i), toks, pos, nxt,
+          np.int32(n - 1), np.bool_(last), kv_len=self._kv_len(start + n),
           options=sample_options([r.params]), logprobs=logprob_width([r.params]),
           prompt_logprobs=logprob_width([r.params], "prompt_logprobs"))
       if prompt_lp is not None:   # a host read: only requests that ask for prompt logprobs wait on it
@@ -366,8 +422,8 @@ class Engine:
         self._pending.append((first_tok[None], None if lp is None else jax.tree.map(lambda a: a[None], lp),
                               [(0, i, r)]))
 
-  def _prefill_fn(self, params, cache, state: SlotState, allowed_bits, slot, toks_c, pos_c, next_c, last_idx,
-                  is_first, is_last, *, kv_len, options, logprobs, prompt_logprobs):
+  def _prefill_fn(self, params, cache, state: SlotState, allowed_bits, prompt_bits, slot, toks_c, pos_c, next_c,
+                  last_idx, is_last, *, kv_len, options, logprobs, prompt_logprobs):
     row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)[:, :, :, :kv_len], cache)
     model = Transformer(self.cfg)
     h = model.apply({"params": params}, toks_c[None], pos_c[None], row, None, True)
@@ -380,10 +436,8 @@ class Engine:
     cache = _rows_to_cache(cache, h.kv_rows, pos_c[None], slot[None])
     cache = self._constrain(cache)
     v = self.cfg.vocab_size
-    prompt_v = jnp.where(is_first, False, state.prompt_bv[slot])
-    seen_v = jnp.zeros(v, jnp.int32).at[toks_c].max((pos_c < DROP).astype(jnp.int32))
-    prompt_v = prompt_v | (seen_v > 0)
-    counts_v = jnp.where(is_first, 0, state.counts_bv[slot])
+    prompt_v = self._unpack(prompt_bits, 1)[0]   # the whole prompt's, cached prefix included
+    counts_v = jnp.zeros(v, jnp.int32)           # nothing generated yet
     sp_row = jax.tree.map(lambda a: a[slot][None], state.sp)
     tok = sample(logits_1v, sp_row, counts_v[None], prompt_v[None], options, self._unpack(allowed_bits, 1))[0]
     lp = None
@@ -526,6 +580,15 @@ class Engine:
     last = slice(-1, None) if reason != "abort" else slice(0, 0)
     r.events.put(Delta(r.output_ids[last], r.text[r._emitted:], reason, logprobs=r.logprobs[last]))
     r._emitted = len(r.text)
+
+
+MIN_COPY = 16   # shared tokens a busy slot must add over the best free slot's to be copied
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+  n = min(len(a), len(b))
+  diff = np.flatnonzero(a[:n] != b[:n])
+  return int(diff[0]) if len(diff) else n
 
 
 def _logprob_entries(lps, rows, token_ids, width: int) -> list:

@@ -78,8 +78,9 @@ def chat_family_for(cfg: ModelConfig, tok) -> str:
 
 
 def build_engine(cfg, params, tok, *, model_dir=None, max_slots=8, max_len=None, prefill_chunk=512,
-                 kv_block=256, mesh=None) -> tuple[Engine, dict]:
+                 kv_block=256, mesh=None, prefix_caching=True) -> tuple[Engine, dict]:
   """-> (engine, sampling defaults from generation_config.json)."""
   eng = Engine(cfg, params, max_slots=max_slots, max_len=max_len or cfg.max_position_embeddings,
-               prefill_chunk=prefill_chunk, kv_block=kv_block, tokenizer=tok, mesh=mesh)
+               prefill_chunk=prefill_chunk, kv_block=kv_block, tokenizer=tok, mesh=mesh,
+               prefix_caching=prefix_caching)
   return eng, generation_defaults(model_dir)

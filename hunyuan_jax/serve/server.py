@@ -253,12 +253,15 @@ class Handler(BaseHTTPRequestHandler):
                       if chat else None, echo=job[2]) for i, (r, job) in enumerate(zip(reqs, jobs))]
       maker = oa.ChunkMaker(ctx.model_name, chat)
       n_prompt = sum(len(ids) for ids, _ in prompts)
+
+      def usage(completion_tokens: int) -> dict:   # each prompt counts once, as its first choice saw it
+        return oa.usage(n_prompt, completion_tokens, sum(c.req.cached for c in outs[::n]))
       if body.get("stream"):
         opts = body.get("stream_options") or {}
-        self._stream(outs, maker, chat, tools, bool(opts.get("include_usage")), n_prompt,
+        self._stream(outs, maker, chat, tools, bool(opts.get("include_usage")), usage,
                      bool(opts.get("continuous_usage_stats")))
       else:
-        self._respond(outs, maker, chat, tools, in_reasoning, n_prompt)
+        self._respond(outs, maker, chat, tools, in_reasoning, usage)
     finally:
       for r in reqs:
         if not r.done:
@@ -303,7 +306,7 @@ class Handler(BaseHTTPRequestHandler):
       ids, entries = req.prompt_ids + ids, (req.prompt_logprobs or [None] * len(req.prompt_ids)) + entries
     return oa.completion_logprobs(ids, entries, self.ctx.tokenizer, offset)
 
-  def _respond(self, outs, maker, chat, tools, in_reasoning, n_prompt):
+  def _respond(self, outs, maker, chat, tools, in_reasoning, usage):
     for _ in self._events(outs):
       pass
     choices = []
@@ -317,14 +320,14 @@ class Handler(BaseHTTPRequestHandler):
       out = parse_output(r.text, self.ctx.family, tools_enabled=bool(tools), in_reasoning=in_reasoning, tools=tools)
       choices.append(maker.choice(c.index, oa.chat_message(out.reasoning, out.content, out.tool_calls),
                                   oa.finish_reason(r.finish_reason, out.tool_calls), self._logprobs(r, True, r.logprobs)))
-    self._send_json(200, maker.response(choices, oa.usage(n_prompt, sum(len(c.req.output_ids) for c in outs))))
+    self._send_json(200, maker.response(choices, usage(sum(len(c.req.output_ids) for c in outs))))
 
   def _sse(self, obj):
     self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode())
                      + b"\n\n")
     self.wfile.flush()
 
-  def _stream(self, outs, maker, chat, tools, include_usage, n_prompt, continuous_usage=False):
+  def _stream(self, outs, maker, chat, tools, include_usage, usage, continuous_usage=False):
     """SSE chunks, each for one choice (`index`). A token's logprobs ride on the first chunk of its
     choice sent after it arrives (a token whose text is held back, e.g. a possible stop string,
     passes them on), so the chunks' logprobs joined are the non-streamed response's. With
@@ -337,7 +340,7 @@ class Handler(BaseHTTPRequestHandler):
     self.close_connection = True
 
     def so_far():
-      return oa.usage(n_prompt, sum(x.tokens for x in outs)) if continuous_usage else None
+      return usage(sum(x.tokens for x in outs)) if continuous_usage else None
 
     def send(c, delta, finish=None):
       if chat:
@@ -374,7 +377,7 @@ class Handler(BaseHTTPRequestHandler):
       if d.finish_reason:
         send(c, {}, oa.finish_reason(d.finish_reason, calls))
     if include_usage:
-      self._sse(maker.chunk(usage_=oa.usage(n_prompt, sum(len(c.req.output_ids) for c in outs))))
+      self._sse(maker.chunk(usage_=usage(sum(len(c.req.output_ids) for c in outs))))
     self._sse(b"[DONE]")
 
 
