@@ -223,6 +223,18 @@ def test_prefix_cache_copies_a_busy_slots_rows(engine, uncached_logits):
   assert a.output_ids == _greedy_alone(uncached_logits, long_p, 30)
 
 
+def test_copies_of_one_prompt_are_prefilled_once(engine, uncached_logits):
+  """n choices of one prompt (or a burst sharing a system prompt): the first is prefilled, the
+  others wait for its rows and copy them; a shorter shared prefix waits too."""
+  p = _prompts(18, [40])[0]
+  sibling = p[:30] + _prompts(19, [4])[0]
+  reqs = engine.generate([p, p, sibling], GREEDY)
+  assert [r.cached for r in reqs] == [0, 39, 30]
+  assert len({r.slot for r in reqs}) == 3
+  assert reqs[0].output_ids == reqs[1].output_ids == _greedy_alone(uncached_logits, p, 8)
+  assert reqs[2].output_ids == _greedy_alone(uncached_logits, sibling, 8)
+
+
 def test_prefix_caching_off_prefills_every_token(model):
   cfg, params = model
   eng = Engine(cfg, params, max_slots=1, max_len=MAX_LEN, prefill_chunk=16, kv_block=64, prefix_caching=False)

@@ -6,8 +6,10 @@
 Prefix caching: a freed slot keeps its rows, and the engine remembers the tokens they hold. A new
 request goes to the free slot whose rows share the longest prefix with its prompt (the previous
 turn of a conversation), or, where a busy slot shares more (a common system prompt), that
-slot's rows are copied into a free one; prefill starts after the shared prefix. With no match
-the least recently freed slot is taken, so recent conversations keep their rows longest.
+slot's rows are copied into a free one; prefill starts after the shared prefix. A request whose
+prefix a slot is still prefilling waits for it (n choices of one prompt are prefilled once).
+With no match the least recently freed slot is taken, so recent conversations keep their rows
+longest.
 
 Both prefill and decode call the core `forward` with a cache (rows are independent: a query at
 position p sees cache rows j <= p of its own slot, so a reused slot never sees stale entries).
@@ -171,11 +173,12 @@ class Engine:
       self._state_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       self.state = jax.device_put(self.state, self._state_sharding)
     self.slots: list[Optional[Request]] = [None] * b
-    self._held = [np.zeros(0, np.int32)] * b   # a free slot's tokens (Request.rows_written at its end)
+    self._held = [[]] * b          # a free slot's tokens (Request.rows_written at its end)
     self._freed_at = [0] * b                   # when each slot was last freed (least recent reused first)
     self._clock = itertools.count(1)
     self._pos_host = np.zeros(b, np.int64)
-    self._waiting: "queue.Queue[Request]" = queue.Queue()
+    self._inbox: "queue.Queue[Request]" = queue.Queue()   # submit (any thread) -> the engine thread
+    self._waiting: list = []    # submitted, not yet in a slot (first come, first placed)
     self._pending: list = []    # (device tokens, device logprobs or None, [(index, slot, request)]) not yet read
     self._ids = itertools.count()
     self._lock = threading.Lock()
@@ -216,7 +219,7 @@ class Engine:
     if self.tokenizer is not None:
       from hunyuan_jax.tokenizer import StreamDecoder
       req._decoder = StreamDecoder(self.tokenizer)
-    self._waiting.put(req)
+    self._inbox.put(req)
     self._wake.set()
     return req
 
@@ -236,7 +239,8 @@ class Engine:
     return sum(r is not None for r in self.slots)
 
   def has_work(self) -> bool:
-    return self.num_active() > 0 or not self._waiting.empty() or bool(self._pending)
+    return (self.num_active() > 0 or not self._inbox.empty() or bool(self._waiting)
+            or bool(self._pending))
 
   def generate(self, prompts: Sequence[Sequence[int]], params=None):
     """Runs until every prompt is done; returns the Requests (output_ids, text, finish_reason).
@@ -270,7 +274,7 @@ class Engine:
         self.slots[i] = None
     self._sp_host = [None] * self.max_slots
     self._bias_host = bias_rows([[]] * self.max_slots)
-    self._held = [np.zeros(0, np.int32)] * self.max_slots   # a failed program may have lost the cache
+    self._held = [[]] * self.max_slots   # a failed program may have lost the cache
 
   # ---------------------------------------------------------------- scheduling
   def step(self) -> None:
@@ -309,13 +313,18 @@ class Engine:
         self._free(i)
 
   def _admit(self):
-    changed = False
-    while None in self.slots and not self._waiting.empty():
-      r = self._waiting.get()
+    while not self._inbox.empty():
+      self._waiting.append(self._inbox.get())
+    waiting, self._waiting, changed = self._waiting, [], False
+    for r in waiting:
       if r.cancelled:
         self._finish(r, "abort")
         continue
-      i, source, n = self._place(r)
+      placed = self._place(r) if None in self.slots else None
+      if placed is None or self._prefill_to_share(r, placed[2]):
+        self._waiting.append(r)
+        continue
+      i, source, n = placed
       if source != i:
         self.cache = self._copy_rows(self.cache, np.int32(source), np.int32(i), n=self._copy_len(n))
       r.slot, self.slots[i], self._sp_host[i] = i, r, r.params
@@ -332,14 +341,27 @@ class Engine:
     oldest = min(free, key=self._freed_at.__getitem__)
     if not self.prefix_caching or r.params.prompt_logprobs is not None:   # those need every prompt row's logits
       return oldest, oldest, 0
-    prompt = np.asarray(r.prompt_ids[:-1], np.int32)   # the last prompt token runs: its logits give the first output
-    match = [_common_prefix(prompt, self._held[i] if s is None else np.asarray(s.rows_written(), np.int32))
+    prompt = r.prompt_ids[:-1]   # the last prompt token runs: its logits give the first output
+    match = [_common_prefix(prompt, self._held[i] if s is None else s.rows_written())
              for i, s in enumerate(self.slots)]
     best_free = max(free, key=lambda i: (match[i], -self._freed_at[i]))
     best = max(range(self.max_slots), key=match.__getitem__)
     if match[best] >= match[best_free] + MIN_COPY:   # a busy slot shares more: copy its rows
       return oldest, best, match[best]
     return best_free, best_free, match[best_free]
+
+  def _prefill_to_share(self, r: Request, have: int) -> bool:
+    """Whether a slot still prefilling will hold more of r's prompt (MIN_COPY tokens at least)
+    than the `have` rows r could start from now (n choices of one prompt, a burst with one system
+    prompt): r then waits for those rows instead of computing them again beside them."""
+    if not self.prefix_caching or r.params.prompt_logprobs is not None:
+      return False
+    for s in self.slots:
+      if s is not None and s.prefilled < len(s.prompt_ids):
+        shared = _common_prefix(r.prompt_ids[:-1], s.prompt_ids)
+        if shared > have and shared >= MIN_COPY:
+          return True
+    return False
 
   def _copy_len(self, n: int) -> int:
     """Rows a prefix copy moves: n rounded up to a power of two (one program per size)."""
@@ -354,7 +376,7 @@ class Engine:
     return self._constrain(jax.tree.map(copy, cache))
 
   def _free(self, i: int):
-    self._held[i] = np.asarray(self.slots[i].rows_written(), np.int32)
+    self._held[i] = self.slots[i].rows_written()
     self._freed_at[i] = next(self._clock)
     self.slots[i] = None
     self._sp_host[i] = None
@@ -582,13 +604,20 @@ class Engine:
     r._emitted = len(r.text)
 
 
-MIN_COPY = 16   # shared tokens a busy slot must add over the best free slot's to be copied
+MIN_COPY = 16   # shared tokens worth a copy (or a wait): more than a busy slot adds over the best free one
 
 
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-  n = min(len(a), len(b))
-  diff = np.flatnonzero(a[:n] != b[:n])
-  return int(diff[0]) if len(diff) else n
+def _common_prefix(a: list, b: list) -> int:
+  """Length of the common prefix of two token lists, compared in growing slices: unrelated
+  prompts cost one short comparison, not a conversion of two whole contexts."""
+  n, k, width = min(len(a), len(b)), 0, 64
+  while k < n:
+    hi = min(n, k + width)
+    diff = np.flatnonzero(np.asarray(a[k:hi]) != np.asarray(b[k:hi]))
+    if len(diff):
+      return k + int(diff[0])
+    k, width = hi, width * 4
+  return n
 
 
 def _logprob_entries(lps, rows, token_ids, width: int) -> list:
