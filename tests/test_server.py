@@ -283,6 +283,46 @@ def test_prefix_cache_shows_in_usage(real):
   assert fresh.choices[0].text == longer["prompt"] + "".join(c.choices[0].text for c in chunks if c.choices)
 
 
+def _metrics(srv) -> dict:
+  """GET /metrics parsed by prometheus_client: {(sample name, label items): value}."""
+  from prometheus_client.parser import text_string_to_metric_families
+  host, port = srv.httpd.server_address[:2]
+  conn = http.client.HTTPConnection(host, port, timeout=60)
+  conn.request("GET", "/metrics")
+  resp = conn.getresponse()
+  assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain")
+  text = resp.read().decode()
+  conn.close()
+  return {(x.name, tuple(sorted(x.labels.items()))): x.value
+          for f in text_string_to_metric_families(text) for x in f.samples}
+
+
+def test_metrics_count_tokens_requests_and_latencies(real):
+  srv, client, submitted = real
+  model = (("model_name", "tiny"),)
+  before = _metrics(srv)
+  out = client.completions.create(model="tiny", prompt="metrics please", max_tokens=5, temperature=0.0,
+                                  extra_body=NO_EOS)
+  req = submitted[-1]
+  for _ in range(100):   # the engine frees the slot just after the last event
+    after = _metrics(srv)
+    if after[("vllm:num_requests_running", model)] == 0:
+      break
+    time.sleep(0.02)
+  delta = lambda name, labels=(): after[(name, tuple(sorted(model + labels)))] - before[(name, tuple(sorted(model + labels)))]
+  assert delta("vllm:generation_tokens_total") == out.usage.completion_tokens == 5
+  assert delta("vllm:prompt_tokens_total") == delta("vllm:prefix_cache_queries_total") == out.usage.prompt_tokens
+  assert delta("vllm:prefix_cache_hits_total") == req.cached
+  assert delta("vllm:request_success_total", (("finished_reason", "length"),)) == 1
+  assert delta("vllm:time_to_first_token_seconds_count") == 1
+  assert delta("vllm:inter_token_latency_seconds_count") == 4
+  assert delta("vllm:e2e_request_latency_seconds_count") == 1
+  assert after[("vllm:num_requests_running", model)] == after[("vllm:num_requests_waiting", model)] == 0
+  assert after[("vllm:kv_cache_usage_perc", model)] == 0.0
+  inf = after[("vllm:time_to_first_token_seconds_bucket", tuple(sorted(model + (("le", "+Inf"),))))]
+  assert inf == after[("vllm:time_to_first_token_seconds_count", model)]
+
+
 def test_tokenize_counts_match_usage(real):
   srv, client, _ = real
   status, tok = _raw(srv, "POST", "/tokenize", {"model": "tiny", "messages": USER})
@@ -361,6 +401,7 @@ def test_api_key(real):
       bad.models.list()
     good = openai.OpenAI(base_url=keyed.url + "/v1", api_key="sekret", max_retries=0)
     assert _chat(good, max_tokens=2).usage.completion_tokens == 2
+    assert ("vllm:num_requests_waiting", (("model_name", "tiny"),)) in _metrics(keyed)   # scrapers send no key
   finally:
     keyed.shutdown()
 

@@ -36,6 +36,7 @@ import json
 import os
 import queue
 import threading
+import time
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -47,6 +48,7 @@ from hunyuan_jax.model import cache_logical_axes, forward, init_cache, moe_paral
 from hunyuan_jax.model.attention import cache_read_in_place
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve import structured
+from hunyuan_jax.serve.metrics import EngineMetrics
 from hunyuan_jax.serve.sampling import (NEG, SamplingArrays, SamplingParams, bias_rows, logprob_width, sample,
                                         sample_options, token_logprobs)
 
@@ -92,6 +94,8 @@ class Request:
   _bias: list = dataclasses.field(default_factory=list)   # SamplingParams.bias_entries, packed at submit
   _prompt_bits: Any = None    # the prompt's tokens as a packed [V / 8] mask (repetition penalty)
   _emitted: int = 0           # chars of `text` already sent as deltas
+  _arrived: float = 0.0       # time.monotonic() at submit, and at the last token (metrics)
+  _last_token_at: float = 0.0
 
   @property
   def done(self) -> bool:
@@ -176,6 +180,7 @@ class Engine:
     self._held = [[]] * b          # a free slot's tokens (Request.rows_written at its end)
     self._freed_at = [0] * b                   # when each slot was last freed (least recent reused first)
     self._clock = itertools.count(1)
+    self.metrics = EngineMetrics()
     self._pos_host = np.zeros(b, np.int64)
     self._inbox: "queue.Queue[Request]" = queue.Queue()   # submit (any thread) -> the engine thread
     self._waiting: list = []    # submitted, not yet in a slot (first come, first placed)
@@ -210,7 +215,8 @@ class Engine:
     bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
     if bad:
       raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
-    req = Request(prompt_ids, params, id=request_id or f"req-{next(self._ids)}", guide=guide)
+    req = Request(prompt_ids, params, id=request_id or f"req-{next(self._ids)}", guide=guide,
+                  _arrived=time.monotonic())
     req._bias = params.bias_entries(self.eos_ids)   # raises if min_tokens' stop ids do not fit
     in_prompt = np.zeros(self.cfg.vocab_size, bool)
     in_prompt[prompt_ids] = True
@@ -237,6 +243,13 @@ class Engine:
 
   def num_active(self) -> int:
     return sum(r is not None for r in self.slots)
+
+  def metrics_text(self, model_name: str) -> str:
+    """The Prometheus exposition of `self.metrics` and the engine's state now (any thread)."""
+    running = [r for r in self.slots if r is not None]
+    rows = sum(r.prefilled + len(r.output_ids) for r in running)
+    return self.metrics.render(model_name, len(running), len(self._waiting) + self._inbox.qsize(),
+                               rows / (self.max_slots * self.max_len))
 
   def has_work(self) -> bool:
     return (self.num_active() > 0 or not self._inbox.empty() or bool(self._waiting)
@@ -329,6 +342,7 @@ class Engine:
         self.cache = self._copy_rows(self.cache, np.int32(source), np.int32(i), n=self._copy_len(n))
       r.slot, self.slots[i], self._sp_host[i] = i, r, r.params
       r.cached = r.prefilled = n
+      self.metrics.admitted(len(r.prompt_ids), n)
       self._set_bias_row(i, r._bias)
       self._pos_host[i] = 0
       changed = True
@@ -575,6 +589,7 @@ class Engine:
   def _emit(self, r: Request, tok: int):
     p = r.params
     r.output_ids.append(tok)
+    r._last_token_at = self.metrics.token(r._arrived, r._last_token_at, first=len(r.output_ids) == 1)
     if tok in p.stop_ids(self.eos_ids):   # held back on device for the first min_tokens
       return self._finish(r, "stop")
     if r.guide is not None and not r.guide.advance(tok):   # cannot happen unless the mask is wrong
@@ -599,6 +614,7 @@ class Engine:
     if flush and r._decoder is not None:
       r.text += r._decoder.flush()
     r.finish_reason = reason
+    self.metrics.finish(reason, r._arrived)
     last = slice(-1, None) if reason != "abort" else slice(0, 0)
     r.events.put(Delta(r.output_ids[last], r.text[r._emitted:], reason, logprobs=r.logprobs[last]))
     r._emitted = len(r.text)

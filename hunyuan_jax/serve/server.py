@@ -6,7 +6,7 @@
     -> StreamParser -> SSE chunks / one JSON
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and
-vLLM's POST /tokenize and /detokenize.
+vLLM's POST /tokenize and /detokenize and GET /metrics (Prometheus, vLLM's metric names).
 A client that goes away (write fails, or its socket reads EOF while we wait) has its request
 cancelled, which frees the slot at the engine's next step.
 """
@@ -59,9 +59,11 @@ class Handler(BaseHTTPRequestHandler):
       sys.stderr.write("serve: %s %s\n" % (self.address_string(), fmt % args))
 
   def _send_json(self, status: int, obj: dict):
-    data = json.dumps(obj, ensure_ascii=False).encode()
+    self._send(status, "application/json", json.dumps(obj, ensure_ascii=False).encode())
+
+  def _send(self, status: int, content_type: str, data: bytes):
     self.send_response(status)
-    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Type", content_type)
     self.send_header("Content-Length", str(len(data)))
     self.end_headers()
     self.wfile.write(data)
@@ -106,6 +108,9 @@ class Handler(BaseHTTPRequestHandler):
       path = self.path.split("?")[0]
       if path == "/health":
         return self._send_json(200, {"status": "ok", "active": self.ctx.engine.num_active()})
+      if path == "/metrics":   # open like /health (vLLM's is): scrapers send no bearer token
+        return self._send(200, "text/plain; version=0.0.4; charset=utf-8",
+                          self.ctx.engine.metrics_text(self.ctx.model_name).encode())
       self._check_auth()
       if path == "/v1/models":
         return self._send_json(200, {"object": "list", "data": [
