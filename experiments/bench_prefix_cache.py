@@ -3,7 +3,8 @@
 Two cases, each timed after a warm-up of the same shapes (random bf16 weights, A13B width):
   * n copies of one prompt submitted together (OpenAI's `n`, or a burst sharing a long system
     prompt): time until every copy has its first token;
-  * a conversation's next turn: the previous prompt and reply plus --turn new tokens.
+  * a conversation's next turn: the previous prompt and reply plus --turn new tokens;
+  * n conversations' next turns submitted together.
 
   python experiments/bench_prefix_cache.py                     # GPU: A13B x 7 layers, 2048-token prompts
   python experiments/bench_prefix_cache.py --config=tiny --layers=2 --prompt_len=64 --turn=8   # CPU smoke
@@ -47,13 +48,16 @@ def measure(cfg, params, caching: bool) -> dict:
   prompt = lambda k: [int(t) for t in rng.integers(0, min(cfg.vocab_size, 30000), k)]
   two = sampling_params(max_tokens=2, ignore_eos=True)
   out = {}
+  turn = lambda r: r.prompt_ids + r.output_ids + prompt(FLAGS.turn)
   for timed in (False, True):   # the first round compiles every program the second one runs
     p = prompt(length)
     t_n, reqs = until_first_tokens(eng, [p] * n, two)
-    t_turn, (nxt,) = until_first_tokens(eng, [reqs[0].prompt_ids + reqs[0].output_ids + prompt(FLAGS.turn)], two)
+    t_turn, (nxt,) = until_first_tokens(eng, [turn(reqs[0])], two)
+    _, talks = until_first_tokens(eng, [prompt(length) for _ in range(n)], two)
+    t_turns, turns = until_first_tokens(eng, [turn(r) for r in talks], two)
     if timed:
       out = dict(caching=caching, n_copies_s=t_n, n_cached=[r.cached for r in reqs], turn_s=t_turn,
-                 turn_cached=nxt.cached)
+                 turn_cached=nxt.cached, turns_s=t_turns, turns_cached=[r.cached for r in turns])
   del eng
   gc.collect()
   return out
@@ -68,11 +72,12 @@ def main(_):
         f"prompt {FLAGS.prompt_len}, n {FLAGS.n}, next turn +{FLAGS.turn}", flush=True)
   rows = [measure(cfg, params, caching) for caching in (False, True)]
   print(f"\n| prefix cache | {FLAGS.n} copies of a {FLAGS.prompt_len}-token prompt: all first tokens (s) "
-        f"| cached per copy | next turn (+{FLAGS.turn}) TTFT (s) | cached |")
-  print("|---|---|---|---|---|")
+        f"| cached per copy | next turn (+{FLAGS.turn}) TTFT (s) | cached | {FLAGS.n} next turns at once: "
+        f"all first tokens (s) | cached per turn |")
+  print("|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {'on' if r['caching'] else 'off'} | {r['n_copies_s']:.3f} | {r['n_cached']} | {r['turn_s']:.3f} "
-          f"| {r['turn_cached']} |")
+          f"| {r['turn_cached']} | {r['turns_s']:.3f} | {r['turns_cached']} |")
 
 
 if __name__ == "__main__":

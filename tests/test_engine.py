@@ -4,6 +4,7 @@ One tiny fp32 model and one engine shared by the module (compiles dominate the r
 max_len 128 with kv_block 64 gives two attention buckets, so both the sliced-prefix and the
 full-cache decode paths run.
 """
+import dataclasses
 import functools
 import os
 import json
@@ -233,6 +234,34 @@ def test_copies_of_one_prompt_are_prefilled_once(engine, uncached_logits):
   assert len({r.slot for r in reqs}) == 3
   assert reqs[0].output_ids == reqs[1].output_ids == _greedy_alone(uncached_logits, p, 8)
   assert reqs[2].output_ids == _greedy_alone(uncached_logits, sibling, 8)
+
+
+def test_short_chunks_of_several_slots_prefill_in_one_call(model, uncached_logits):
+  """Chunks of one length bucket run as one call of up to prefill_chunk tokens; each request
+  still gets its alone tokens (greedy, and a seeded draw), its own first-token logprobs, and a
+  prompt-logprob request runs alone."""
+  cfg, params = model
+  eng = Engine(cfg, params, max_slots=4, max_len=MAX_LEN, prefill_chunk=64, kv_block=64)
+  calls = []
+  prefill = eng._prefill
+  eng._prefill = lambda *a, **k: calls.append(a[5].shape) or prefill(*a, **k)   # slots_p, padded
+  prompts = _prompts(20, [9, 14, 5, 40])      # buckets 16, 16, 16 and 64
+  greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+  reqs = eng.generate(prompts, greedy)
+  assert sorted(calls) == [(1,), (4,)]        # three 16-token rows (padded to 4) in one call
+  for r, p in zip(reqs, prompts):
+    assert r.output_ids == _greedy_alone(uncached_logits, p, 6)
+    lp = np.asarray(jax.nn.log_softmax(uncached_logits(p)[-1]))
+    assert abs(r.logprobs[0].logprob - lp[r.output_ids[0]]) < 2e-5
+  seeded = SamplingParams(temperature=1.0, max_tokens=4, seed=3, ignore_eos=True)
+  alone = [eng.generate([p], seeded)[0].output_ids for p in prompts[:3]]
+  calls.clear()
+  together = [r.output_ids for r in eng.generate(prompts[:3], [seeded] * 3)]
+  assert together == alone and len(calls) == 1
+  calls.clear()
+  echo = dataclasses.replace(greedy, prompt_logprobs=1)
+  mixed = eng.generate(prompts[:2], [echo, greedy])
+  assert sorted(calls) == [(1,), (1,)] and len(mixed[0].prompt_logprobs) == len(prompts[0])
 
 
 def test_prefix_caching_off_prefills_every_token(model):

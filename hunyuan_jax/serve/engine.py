@@ -425,65 +425,96 @@ class Engine:
 
   # ---------------------------------------------------------------- prefill
   def _prefill_waiting_slots(self):
+    """The next chunk of every slot still prefilling. Chunks of one length bucket run in one call,
+    as many rows as keep rows x bucket <= prefill_chunk: a short chunk (a next turn on the prefix
+    cache, the last prompt token of n choices) reads as many weights as a long one, so rows batched
+    share that read. A request asking for prompt logprobs runs alone (its logits are [bucket, V])."""
+    groups: dict = {}
     for i, r in enumerate(self.slots):
       if r is None or r.prefilled == len(r.prompt_ids):
         continue
-      start = r.prefilled
-      n = min(self.prefill_chunk, len(r.prompt_ids) - start)
+      n = min(self.prefill_chunk, len(r.prompt_ids) - r.prefilled)
       c = max(16, 1 << (n - 1).bit_length())
-      toks = np.zeros(c, np.int32)
-      toks[:n] = r.prompt_ids[start:start + n]
-      pos = np.full(c, DROP, np.int32)
-      pos[:n] = np.arange(start, start + n)
-      last = start + n == len(r.prompt_ids)
-      nxt = np.zeros(c, np.int32)    # the prompt token each position predicts
-      nxt[:n] = r.prompt_ids[start + 1:start + n + 1] + [0] * last
-      allowed = r.guide.allowed_bits() if (last and r.guide is not None) else None
-      first_tok, lp, prompt_lp, self.cache, self.state = self._prefill(
-          self.params, self.cache, self.state, allowed, r._prompt_bits, np.int32(i), toks, pos, nxt,
-          np.int32(n - 1), np.bool_(last), kv_len=self._kv_len(start + n),
-          options=sample_options([r.params]), logprobs=logprob_width([r.params]),
-          prompt_logprobs=logprob_width([r.params], "prompt_logprobs"))
+      alone = i if r.params.prompt_logprobs is not None else -1
+      groups.setdefault((c, alone), []).append((i, r, n))
+    for (c, alone), rows in groups.items():
+      per_call = 1 if alone >= 0 else self.prefill_chunk // c
+      for k in range(0, len(rows), per_call):
+        self._prefill_rows(rows[k:k + per_call], c)
+
+  def _prefill_kv_len(self, n: int) -> int:
+    """Cache rows a prefill call attends over: a power of two (few programs; the kernel reads
+    only each row's own length where it runs)."""
+    return int(min(self.max_len, max(self.kv_block, 1 << (n - 1).bit_length())))
+
+  def _prefill_rows(self, rows, c: int):
+    """One prefill call: the next n tokens of each (slot, request, n) in `rows`, padded to c
+    tokens and to a power-of-two row count (padding rows name slot max_slots: their writes drop)."""
+    p, nbytes = 1 << (len(rows) - 1).bit_length(), -(-self.cfg.vocab_size // 8)
+    slots = np.full(p, self.max_slots, np.int32)
+    toks, nxt = np.zeros((p, c), np.int32), np.zeros((p, c), np.int32)   # nxt: the token each position predicts
+    pos = np.full((p, c), DROP, np.int32)
+    last_idx, is_last = np.zeros(p, np.int32), np.zeros(p, bool)
+    prompt_bits, allowed = np.zeros((p, nbytes), np.uint8), None
+    for j, (i, r, n) in enumerate(rows):
+      start = r.prefilled
+      slots[j], last_idx[j], is_last[j] = i, n - 1, start + n == len(r.prompt_ids)
+      toks[j, :n] = r.prompt_ids[start:start + n]
+      pos[j, :n] = np.arange(start, start + n)
+      nxt[j, :n] = r.prompt_ids[start + 1:start + n + 1] + [0] * bool(is_last[j])
+      prompt_bits[j] = r._prompt_bits
+      if is_last[j] and r.guide is not None:
+        if allowed is None:
+          allowed = np.full((p, nbytes), 255, np.uint8)
+        allowed[j] = r.guide.allowed_bits()
+    params = [r.params for _, r, _ in rows]
+    first, lp, prompt_lp, self.cache, self.state = self._prefill(
+        self.params, self.cache, self.state, allowed, prompt_bits, slots, toks, pos, nxt, last_idx, is_last,
+        kv_len=max(self._prefill_kv_len(r.prefilled + n) for _, r, n in rows),
+        options=sample_options(params), logprobs=logprob_width(params),
+        prompt_logprobs=logprob_width(params, "prompt_logprobs"))
+    finished = []
+    for j, (i, r, n) in enumerate(rows):
       if prompt_lp is not None:   # a host read: only requests that ask for prompt logprobs wait on it
-        if start == 0:
+        if r.prefilled == 0:
           r.prompt_logprobs = [None]
-        keep = n - last             # the last prompt position predicts the first output token
-        r.prompt_logprobs += _logprob_entries(jax.tree.map(np.asarray, prompt_lp), range(keep), nxt,
-                                              r.params.prompt_logprobs)
-      r.prefilled = start + n
-      if last:
+        keep = n - bool(is_last[j])   # the last prompt position predicts the first output token
+        r.prompt_logprobs += _logprob_entries(jax.tree.map(np.asarray, prompt_lp), range(j * c, j * c + keep),
+                                              nxt.reshape(-1), r.params.prompt_logprobs)
+      r.prefilled += n
+      if is_last[j]:
         r.scheduled = 1
         self._pos_host[i] = len(r.prompt_ids)
-        self._upload_rows()
-        self._pending.append((first_tok[None], None if lp is None else jax.tree.map(lambda a: a[None], lp),
-                              [(0, i, r)]))
+        finished.append((j, i, r))
+    if finished:
+      self._upload_rows()
+      self._pending.append((first, lp, finished))
 
-  def _prefill_fn(self, params, cache, state: SlotState, allowed_bits, prompt_bits, slot, toks_c, pos_c, next_c,
-                  last_idx, is_last, *, kv_len, options, logprobs, prompt_logprobs):
-    row = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)[:, :, :, :kv_len], cache)
+  def _prefill_fn(self, params, cache, state: SlotState, allowed_bits, prompt_bits, slots_p, toks_pc, pos_pc,
+                  next_pc, last_p, is_last_p, *, kv_len, options, logprobs, prompt_logprobs):
+    p, c = toks_pc.shape
+    v = self.cfg.vocab_size
+    rows = jax.tree.map(lambda x: jnp.take(x, slots_p, axis=1, mode="clip")[:, :, :, :kv_len], cache)
     model = Transformer(self.cfg)
-    h = model.apply({"params": params}, toks_c[None], pos_c[None], row, None, True)
-    logits_1v = self._spellable(
-        model.apply({"params": params}, h.hidden[:, last_idx][:, None], method=Transformer.logits)[:, 0])
+    h = model.apply({"params": params}, toks_pc, pos_pc, rows, None, True)
+    last_h = h.hidden[jnp.arange(p), last_p][:, None]
+    logits_pv = self._spellable(model.apply({"params": params}, last_h, method=Transformer.logits)[:, 0])
     prompt_lp = None
     if prompt_logprobs is not None:
-      logits_cv = self._spellable(model.apply({"params": params}, h.hidden, method=Transformer.logits)[0])
-      prompt_lp = token_logprobs(logits_cv, next_c, prompt_logprobs)
-    cache = _rows_to_cache(cache, h.kv_rows, pos_c[None], slot[None])
-    cache = self._constrain(cache)
-    v = self.cfg.vocab_size
-    prompt_v = self._unpack(prompt_bits, 1)[0]   # the whole prompt's, cached prefix included
-    counts_v = jnp.zeros(v, jnp.int32)           # nothing generated yet
-    sp_row = jax.tree.map(lambda a: a[slot][None], state.sp)
-    tok = sample(logits_1v, sp_row, counts_v[None], prompt_v[None], options, self._unpack(allowed_bits, 1))[0]
-    lp = None
-    if logprobs is not None:
-      lp = jax.tree.map(lambda a: a[0], token_logprobs(logits_1v, tok[None], logprobs))
-    counts_v = counts_v + (jax.nn.one_hot(tok, v, dtype=jnp.int32) * is_last)
-    tokens_b = state.tokens_b.at[slot].set(jnp.where(is_last, tok, state.tokens_b[slot]))
-    state = state._replace(tokens_b=tokens_b, counts_bv=state.counts_bv.at[slot].set(counts_v),
-                           prompt_bv=state.prompt_bv.at[slot].set(prompt_v))
-    return tok, lp, prompt_lp, cache, self._pin_state(state)
+      logits = model.apply({"params": params}, h.hidden, method=Transformer.logits).reshape(p * c, v)
+      prompt_lp = token_logprobs(self._spellable(logits), next_pc.reshape(-1), prompt_logprobs)
+    cache = self._constrain(_rows_to_cache(cache, h.kv_rows, pos_pc, slots_p))
+    prompt_pv = self._unpack(prompt_bits, p)   # each whole prompt's, cached prefix included
+    sp_rows = jax.tree.map(lambda a: jnp.take(a, slots_p, axis=0, mode="clip"), state.sp)
+    tok_p = sample(logits_pv, sp_rows, jnp.zeros((p, v), jnp.int32), prompt_pv, options,
+                   self._unpack(allowed_bits, p))
+    lp = None if logprobs is None else token_logprobs(logits_pv, tok_p, logprobs)
+    sampled = jnp.where(is_last_p, slots_p, self.max_slots)   # rows whose first token this is; others drop
+    counts_pv = jax.nn.one_hot(tok_p, v, dtype=jnp.int32) * is_last_p[:, None]
+    state = state._replace(tokens_b=state.tokens_b.at[sampled].set(tok_p, mode="drop"),
+                           counts_bv=state.counts_bv.at[slots_p].set(counts_pv, mode="drop"),
+                           prompt_bv=state.prompt_bv.at[slots_p].set(prompt_pv, mode="drop"))
+    return tok_p, lp, prompt_lp, cache, self._pin_state(state)
 
   # ---------------------------------------------------------------- decode
   def _step_kv_len(self, decoding) -> int:
