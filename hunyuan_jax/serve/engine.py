@@ -1,7 +1,8 @@
 """Serving engine: request slots over one preallocated KV cache, chunked prefill, continuous batching.
 
-    submit(prompt ids) -> waiting -> a free slot -> prefill in chunks (batch 1, the slot's cache row)
-      -> first token sampled in the last chunk -> decode steps over ALL slots at once -> stop -> free
+    submit(prompt ids) -> waiting -> a free slot -> prefill in chunks (the slots' chunks of one
+      length bucket in one call) -> first token sampled in the last chunk
+      -> decode steps over ALL slots at once -> stop -> free
 
 Prefix caching: a freed slot keeps its rows, and the engine remembers the tokens they hold. A new
 request goes to the free slot whose rows share the longest prefix with its prompt (the previous
@@ -14,8 +15,8 @@ longest.
 Both prefill and decode call the core `forward` with a cache (rows are independent: a query at
 position p sees cache rows j <= p of its own slot, so a reused slot never sees stale entries).
 Shapes are bucketed so requests join and leave without recompiling: the decode batch is always
-`max_slots` (free rows write at a dropped position) and prefill chunks are powers of two up to
-`prefill_chunk`. Where the decode-attention kernel runs (Hopper), a decode step passes the whole
+`max_slots` (free rows write at a dropped position); prefill chunks, the rows of a prefill call
+and the cache rows it attends over are powers of two (chunk x rows <= `prefill_chunk`). Where the decode-attention kernel runs (Hopper), a decode step passes the whole
 cache and the kernel reads each slot's rows below its length in place: one program for every
 length. Elsewhere attention runs over the cache prefix rounded up to `kv_block` rows (one program
 per bucket), so the bytes a step reads track the longest live sequence, not `max_len`.
