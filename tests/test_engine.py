@@ -338,12 +338,18 @@ _, sharded = load_model(None, "tiny", random_weights=True, dtype="float32", mesh
 g = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 prompts = [[1, 2, 3, 4, 5], list(range(40, 60))]
 kw = dict(max_slots=4, max_len=64, prefill_chunk=16, kv_block=64)
-one = [r.output_ids for r in Engine(cfg, params, **kw).generate(prompts, g)]
-eng = Engine(cfg, sharded, mesh=mesh, **kw)
-many = [r.output_ids for r in eng.generate(prompts, g)]
-print(json.dumps({"one": one, "many": many, "cache_spec": str(jax.tree.leaves(eng.cache)[0].sharding.spec),
+# then a next turn (a free slot's rows) beside a prompt sharing 18 tokens with it (a copy across slots)
+follow = [prompts[1] + [7, 8], prompts[1][:18] + [9, 9, 9]]
+runs = {}
+for name, eng in (("one", Engine(cfg, params, **kw)), ("many", Engine(cfg, sharded, mesh=mesh, **kw))):
+  runs[name] = [r.output_ids for r in eng.generate(prompts, g)]
+  compiles = [f._cache_size() for f in (eng._prefill, eng._decode, eng._set_rows)]
+  reqs = eng.generate(follow, g)
+  runs[name] += [r.output_ids for r in reqs]
+  runs[name + "_cached"] = [r.cached for r in reqs]
+print(json.dumps({**runs, "cache_spec": str(jax.tree.leaves(eng.cache)[0].sharding.spec),
                   "sharded_moe_calls": len(sharded_moe_calls),
-                  "compiles": [f._cache_size() for f in (eng._prefill, eng._decode, eng._set_rows)]}))
+                  "compiles": compiles}))
 """
 
 
@@ -358,7 +364,7 @@ def test_sharded_engine_matches_single_device():
                         timeout=600, cwd=root)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert out["one"] == out["many"]
+  assert out["one"] == out["many"] and out["one_cached"] == out["many_cached"] == [20, 18]
   assert "tensor" in out["cache_spec"] and "data" in out["cache_spec"]   # kv heads and slots are sharded
   # prefill and decode trace the MoE per shard (its kernels see local experts), not through GSPMD
   assert out["sharded_moe_calls"] > 0
