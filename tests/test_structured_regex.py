@@ -148,6 +148,39 @@ def test_integer_ranges(bounds):
     assert not _accepts(grammar, text)
 
 
+NUMBER_BOUNDS = [{"minimum": 0, "maximum": 1}, {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                 {"minimum": -1.5, "exclusiveMaximum": 2.25}, {"exclusiveMaximum": 0}, {"exclusiveMinimum": 0.05},
+                 {"exclusiveMinimum": -3.7, "maximum": -1.25}, {"minimum": 1.5, "maximum": 1.5},
+                 {"minimum": 0.001, "maximum": 0.0015}, {"maximum": 0, "minimum": -0.5, "exclusiveMinimum": True},
+                 {"minimum": 10, "maximum": 100.5, "exclusiveMaximum": 100.5}]
+
+
+@pytest.mark.parametrize("bounds", NUMBER_BOUNDS)
+def test_number_ranges(bounds):
+  """A bounded number holds exactly the decimals in its interval (no exponent; '-0' may go either
+  way), over spellings near the bounds, and every text drawn from it parses inside it."""
+  from decimal import Decimal, InvalidOperation
+  from hunyuan_jax.serve.structured.schema import _number_bounds
+  schema = {"type": "number", **bounds}
+  grammar = _grammar(st.schema_node, schema)
+  lo, lo_incl, hi, hi_incl = _number_bounds(schema)
+  inside = lambda v: ((lo is None or (v >= lo if lo_incl else v > lo)) and
+                      (hi is None or (v <= hi if hi_incl else v < hi)))
+  rng = random.Random(str(bounds))
+  texts = {"-0", "0.0", "1.", "01", ".5", "-", "1e3", "+1", "", "1.5", "-1.5", "100.5", "0.0015", "-3.7"}
+  for _ in range(1500):
+    frac = rng.choice(["", ".5", ".25", ".0", ".05", ".0015", ".001", ".00149", ".7", ".69",
+                       "." + "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 4)))])
+    texts.add(rng.choice(["", "-"]) + rng.choice(["0", "1", "2", "3", "9", "10", "99", "100", "101"]) + frac)
+  for text in texts:
+    json_number = re.fullmatch(r"-?(0|[1-9]\d*)(\.\d+)?", text) is not None
+    if json_number and Decimal(text) == 0 and text.startswith("-"):
+      continue
+    assert _accepts(grammar, text) == (json_number and inside(Decimal(text))), (text, bounds)
+  walked = [t for t in (_walk(grammar, rng, 12) for _ in range(40)) if t is not None]
+  assert len(walked) > 30 and all(inside(Decimal(t)) for t in walked)
+
+
 def test_array_item_counts():
   schema = {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 4}
   grammar, values = _values(schema)

@@ -15,6 +15,8 @@ string whose value matches the expression.
 """
 from __future__ import annotations
 
+import decimal
+import functools
 import json
 
 from hunyuan_jax.serve.structured.grammar import Builder, Node, SchemaError
@@ -355,6 +357,101 @@ def integer_range_node(g: Builder, lo, hi) -> Node:
   if hi is None or hi >= 0:
     alts.append(_magnitudes(g, max(0, lo or 0), hi))
   return g.alt(*alts) if alts else g.empty
+
+
+def number_range_node(g: Builder, lo, lo_incl: bool, hi, hi_incl: bool) -> Node:
+  """A JSON number (no exponent) in the interval from lo to hi (Decimals; None = unbounded; each
+  end inclusive or not), up to MAX_INT_DIGITS fraction digits."""
+  if lo is not None and hi is not None and (lo > hi or lo == hi and not (lo_incl and hi_incl)):
+    raise SchemaError(f"a number range from {lo} to {hi} that holds no number")
+  alts = []
+  if lo is None or lo < 0:   # x <= 0: '-' and the magnitude -x, from max(0, -hi) up to -lo
+    low, incl = (-hi, hi_incl) if hi is not None and hi <= 0 else (decimal.Decimal(0), True)
+    alts.append(g.seq(g.lit("-"), _decimal_magnitudes(g, low, incl, None if lo is None else -lo, lo_incl)))
+  if hi is None or hi > 0 or hi == 0 and hi_incl:
+    low, incl = (lo, lo_incl) if lo is not None and lo >= 0 else (decimal.Decimal(0), True)
+    alts.append(_decimal_magnitudes(g, low, incl, hi, hi_incl))
+  return g.alt(*alts)
+
+
+def _decimal_magnitudes(g: Builder, a, a_incl: bool, b, b_incl: bool) -> Node:
+  """Non-negative decimals from a to b (b None = unbounded): an integer part, then a fraction."""
+  from hunyuan_jax.serve.structured.grammar import MAX_INT_DIGITS
+  fraction = functools.partial(_fraction, g, MAX_INT_DIGITS)
+  ai, af = _split_decimal(a)
+  bi, bf = _split_decimal(b) if b is not None else (None, None)
+  if ai == bi:
+    parts = [(str(ai), fraction(af, a_incl, bf, b_incl))]
+  else:   # a's integer part, those between (any fraction), b's
+    parts = [(str(ai), fraction(af, a_incl, None, False))]
+    if b is None or ai + 1 <= bi - 1:
+      parts.append((_magnitudes(g, ai + 1, None if b is None else bi - 1), fraction(None, False, None, False)))
+    if b is not None:
+      parts.append((str(bi), fraction(None, False, bf, b_incl)))
+  return g.alt(*(g.seq(g.lit(i) if isinstance(i, str) else i, f) for i, f in parts if f is not None))
+
+
+def _split_decimal(x) -> tuple:
+  """A non-negative Decimal -> (integer part, fraction digits without trailing zeros)."""
+  whole = int(x)
+  return whole, format(x - whole, "f").partition(".")[2].rstrip("0")
+
+
+def _fraction(g: Builder, k: int, a, a_incl: bool, b, b_incl: bool) -> Node:
+  """Nothing or '.' and 1 to k digits T, where 0.T is above fraction digits a (None: no bound;
+  a_incl: or equal) and below b; None if no T is. Digit by digit: a digit that settles a bound
+  lifts it."""
+  memo: dict = {}
+
+  def digits(a, a_incl, b, b_incl, k, empty_ok):
+    key = (a, a_incl, b, b_incl, k, empty_ok)
+    if key in memo:
+      return memo[key]
+    zero_ok = (a is None or a == "" and a_incl) and (b is None or b != "" or b_incl)   # T ends here: 0.T = 0.(digits so far)
+    alts = [g.empty] if empty_ok and zero_ok else []
+    if k > 0:
+      groups: dict = {}   # the state after each digit -> the digits that lead there
+      for d in range(10):
+        na = _after_digit(a, a_incl, d, lower=True)
+        nb = _after_digit(b, b_incl, d, lower=False)
+        if na is not False and nb is not False:
+          groups.setdefault((na, nb), []).append(d)
+      for ((na, nai), (nb, nbi)), ds in groups.items():
+        after = digits(na, nai, nb, nbi, k - 1, True)
+        if after is not None:
+          alts += [g.seq(byte_range(g, ord("0") + lo, ord("0") + hi), after) for lo, hi in _runs(ds)]
+    memo[key] = g.alt(*alts) if alts else None
+    return memo[key]
+
+  rest = digits(a, a_incl, b, b_incl, k, False)
+  zero_ok = (a is None or a == "" and a_incl) and (b is None or b != "" or b_incl)
+  alts = ([g.empty] if zero_ok else []) + ([g.seq(g.lit("."), rest)] if rest is not None else [])
+  return g.alt(*alts) if alts else None
+
+
+def _after_digit(bound, incl: bool, d: int, lower: bool):
+  """The bound left for the digits after d: (None, _) once d settles it, (rest, incl) when d
+  equals its digit, False when d breaks it. An empty bound is 0: a lower one excludes 0 only if
+  exclusive (then some later digit must be non-zero); below an upper 0 only zeros fit."""
+  if bound is None:
+    return None, False
+  if bound == "":
+    if lower:
+      return (None, False) if incl or d > 0 else ("", False)
+    return ("", True) if incl and d == 0 else False
+  if d == int(bound[0]):
+    return bound[1:], incl
+  return (None, False) if (d > int(bound[0])) == lower else False
+
+
+def _runs(ds: list) -> list:
+  out = []
+  for d in ds:
+    if out and out[-1][1] == d - 1:
+      out[-1][1] = d
+    else:
+      out.append([d, d])
+  return out
 
 
 def _magnitudes(g: Builder, lo: int, hi) -> Node:

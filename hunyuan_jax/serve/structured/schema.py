@@ -4,18 +4,19 @@ JSON subset (xgrammar's defaults): object properties in schema order, required o
 optional ones maybe, no others when `properties` is given; at most one space after ':' and ','.
 Keywords: type, enum, const, anyOf, oneOf, allOf (one entry), $ref into $defs / definitions,
 properties, required, additionalProperties, items, minItems / maxItems, and on strings `pattern`
-(the whole value), `format` (regex.FORMATS) or minLength / maxLength, on integers minimum /
-maximum (and their exclusive forms). Not enforced: numeric ranges of non-integers, multipleOf,
-uniqueItems; a date's day is not checked against its month.
+(the whole value), `format` (regex.FORMATS) or minLength / maxLength, on integers and numbers
+minimum / maximum and their exclusive forms (a bounded number is written without an exponent).
+Not enforced: multipleOf, uniqueItems; a date's day is not checked against its month.
 """
 from __future__ import annotations
 
+import decimal
 import json
 import math
 from typing import Any
 
 from hunyuan_jax.serve.structured.grammar import Builder, Node, SchemaError
-from hunyuan_jax.serve.structured.regex import integer_range_node, repeat, string_node
+from hunyuan_jax.serve.structured.regex import integer_range_node, number_range_node, repeat, string_node
 
 
 class _SchemaCompiler:
@@ -52,8 +53,11 @@ class _SchemaCompiler:
       return g.any_json()
     if t == "string":
       return string_node(g, s)
-    if t == "integer" and any(k in s for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
+    bounded = any(k in s for k in _BOUNDS)
+    if t == "integer" and bounded:
       return integer_range_node(g, *_integer_bounds(s))
+    if t == "number" and bounded:
+      return number_range_node(g, *_number_bounds(s))
     if t in ("number", "integer"):
       return g.number(t == "integer")
     if t == "boolean":
@@ -126,18 +130,40 @@ def schema_node(g: Builder, schema: Any) -> Node:
   return _SchemaCompiler(g, schema if isinstance(schema, dict) else {}).compile(schema)
 
 
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _bound_values(s: dict, name: str, excl: str) -> tuple:
+  """(inclusive value, exclusive value) of one side, each None where absent: draft 6 numbers,
+  or draft 4's boolean exclusiveMinimum / exclusiveMaximum marking `name` exclusive."""
+  v, x = s.get(name), s.get(excl)
+  if isinstance(x, bool):
+    x, v = (v if x else None), (None if x else v)
+  for b in (v, x):
+    if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float))):
+      raise SchemaError(f"'{name}' / '{excl}' must be numbers, got {b!r}")
+  return v, x
+
+
 def _integer_bounds(s: dict) -> tuple:
-  """minimum / maximum / exclusiveMinimum / exclusiveMaximum (draft 6 numbers, or draft 4's
-  booleans) -> the inclusive integer bounds (None = unbounded)."""
+  """The schema's bounds -> the inclusive integer bounds (None = unbounded)."""
   def bound(name, excl, up):
-    v, x = s.get(name), s.get(excl)
-    if isinstance(x, bool):
-      x, v = (v if x else None), (None if x else v)
-    for b in (v, x):
-      if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float))):
-        raise SchemaError(f"'{name}' / '{excl}' must be numbers, got {b!r}")
+    v, x = _bound_values(s, name, excl)
     cands = [math.ceil(v) if up else math.floor(v)] if v is not None else []
     if x is not None:
       cands.append(math.floor(x) + 1 if up else math.ceil(x) - 1)
     return (max if up else min)(cands) if cands else None
   return bound("minimum", "exclusiveMinimum", True), bound("maximum", "exclusiveMaximum", False)
+
+
+def _number_bounds(s: dict) -> tuple:
+  """The schema's bounds -> (lo, lo inclusive, hi, hi inclusive), Decimals (None = unbounded);
+  where both forms bound one side the tighter wins, the exclusive one at a tie."""
+  def bound(name, excl, up):
+    v, x = (None if b is None else decimal.Decimal(repr(b)) for b in _bound_values(s, name, excl))
+    if x is not None and (v is None or (x >= v if up else x <= v)):
+      return x, False
+    return v, True
+  lo, lo_incl = bound("minimum", "exclusiveMinimum", True)
+  hi, hi_incl = bound("maximum", "exclusiveMaximum", False)
+  return lo, lo_incl, hi, hi_incl
