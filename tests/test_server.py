@@ -323,6 +323,32 @@ def test_metrics_count_tokens_requests_and_latencies(real):
   assert inf == after[("vllm:time_to_first_token_seconds_count", model)]
 
 
+def test_concurrent_prompts_sharing_a_prefix_get_their_uncached_tokens(real):
+  """Concurrent completions with one 26-byte preamble: later ones start from rows an earlier one
+  computed (a copy, or a wait for its prefill), and each gets the tokens of the no-cache forward."""
+  srv, client, submitted = real
+  texts = [f"shared preamble, 26 bytes. q{i}{'?' * i}" for i in range(6)]
+  n_before = len(submitted)
+
+  def go(text):
+    client.completions.create(model="tiny", prompt=text, max_tokens=6, temperature=0.0, extra_body=NO_EOS)
+  threads = [threading.Thread(target=go, args=(t,)) for t in texts]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(120)
+  reqs = submitted[n_before:]
+  assert len(reqs) == len(texts) and all(r.done for r in reqs)
+  assert sum(r.cached >= 26 for r in reqs) >= len(texts) - 4   # 4 slots: at most 4 start cold
+  engine = srv.ctx.engine
+  logits = jax.jit(lambda t: forward(engine.params, t, jnp.arange(MAX_LEN)[None], cfg=engine.cfg).logits[0])
+  for r in reqs:   # the no-cache forward at one padded length (causal: the padding reaches no prefix)
+    ids = list(r.prompt_ids)
+    for _ in range(6):
+      ids.append(int(np.argmax(logits(jnp.asarray([ids + [0] * (MAX_LEN - len(ids))]))[len(ids) - 1])))
+    assert r.output_ids == ids[len(r.prompt_ids):]
+
+
 def test_tokenize_counts_match_usage(real):
   srv, client, _ = real
   status, tok = _raw(srv, "POST", "/tokenize", {"model": "tiny", "messages": USER})
