@@ -60,6 +60,7 @@ flags.DEFINE_integer("full_output_len", 14336, "Tencent's output length: sizes t
 flags.DEFINE_integer("kv_block", 256, "engine kv_block")
 flags.DEFINE_integer("timing_steps", 10, "timed repetitions of the decode step")
 flags.DEFINE_string("json_out", "", "write results here")
+flags.DEFINE_string("hlo_out", "", "write the decode step's optimized HLO here (batch size appended)")
 flags.DEFINE_float("top_p", 1.0, "top-p of every request (< 1 adds the top-k/top-p cuts to each step)")
 flags.DEFINE_integer("logprobs", None, "every request asks for its tokens' logprobs and this many top ones")
 flags.DEFINE_integer("logit_bias", 0, "every request sets a logit_bias of this many ids (the bias pass runs each step)")
@@ -230,6 +231,12 @@ def decode_step_time(eng: Engine, context: int, steps: int, profile: str = "") -
   pipelined = (time.perf_counter() - t) / steps
   if profile:
     print_top(profile, top_kernels(run, iters=3, top=FLAGS.profile_top))
+  if FLAGS.hlo_out:   # the program the timing ran, as XLA optimized it (fusion names match the profile)
+    lowered = eng._decode.lower(eng.params, eng.cache, eng.state, kv_len=kv_len,
+                                options=sample_options([sampling_params()]),
+                                logprobs=logprob_width([sampling_params()]))
+    with open(f"{FLAGS.hlo_out}.b{b}", "w") as f:
+      f.write(lowered.compile().as_text())
   return pipelined, float(np.median(ts))
 
 
