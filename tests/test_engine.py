@@ -164,6 +164,9 @@ def test_stop_token_stop_string_and_max_tokens(engine):
   while not r.events.empty():
     deltas.append(r.events.get())
   assert "".join(d.text for d in deltas) == r.text and deltas[-1].finish_reason == "stop"
+  kept = engine.generate([p], SamplingParams(temperature=0.0, max_tokens=12, stop=[stop], ignore_eos=True,
+                                             include_stop_str_in_output=True))[0]
+  assert kept.text == text[:text.find(stop) + len(stop)] and kept.finish_reason == "stop"
 
 
 def test_min_tokens_and_logit_bias(engine):

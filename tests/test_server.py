@@ -349,6 +349,22 @@ def test_concurrent_prompts_sharing_a_prefix_get_their_uncached_tokens(real):
     assert r.output_ids == ids[len(r.prompt_ids):]
 
 
+def test_stop_strings_with_and_without_the_stop_in_the_text(real):
+  """OpenAI's `stop` cuts the text before the stop string; vLLM's include_stop_str_in_output keeps
+  it. Streamed chunks join to the same text."""
+  _, client, _ = real
+  ask = dict(model="tiny", prompt="stop strings", max_tokens=12, temperature=0.0)
+  free = client.completions.create(extra_body=NO_EOS, **ask).choices[0].text
+  stop = free[4:6]
+  cut = free[:free.find(stop)]
+  for include, want in ((False, cut), (True, cut + stop)):
+    extra = {**NO_EOS, "include_stop_str_in_output": include}
+    out = client.completions.create(stop=[stop], extra_body=extra, **ask).choices[0]
+    chunks = client.completions.create(stop=[stop], stream=True, extra_body=extra, **ask)
+    assert out.text == want and out.finish_reason == "stop"
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+
+
 def test_tokenize_counts_match_usage(real):
   srv, client, _ = real
   status, tok = _raw(srv, "POST", "/tokenize", {"model": "tiny", "messages": USER})

@@ -631,7 +631,7 @@ class Engine:
       for s in p.stop if len(r.output_ids) >= p.min_tokens else ():
         k = r.text.find(s, max(0, r._emitted - len(s) + 1))   # ends in text not yet sent
         if k >= 0:
-          r.text = r.text[:k]
+          r.text = r.text[:k + len(s) * p.include_stop_str_in_output]
           return self._finish(r, "stop", flush=False)
     if r.guide is not None and r.guide.finished:   # the grammar is complete: no stop token needed
       return self._finish(r, "stop")

@@ -176,8 +176,9 @@ def sampling_from_body(body: dict, defaults: dict, prompt_len: int, max_len: int
     if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
       raise APIError(400, "'stop_token_ids' must be a list of integers", "stop_token_ids")
     kw["stop_token_ids"] = ids
-  if body.get("ignore_eos") is not None:
-    kw["ignore_eos"] = bool(body["ignore_eos"])
+  for flag in ("ignore_eos", "include_stop_str_in_output"):   # vLLM extras
+    if body.get(flag) is not None:
+      kw[flag] = bool(body[flag])
   bias = _logit_bias(body)
   if bias:
     kw["logit_bias"] = bias

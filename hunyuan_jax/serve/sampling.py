@@ -39,6 +39,7 @@ class SamplingParams:
   seed: Optional[int] = None
   max_tokens: int = 256
   stop: Sequence[str] = ()
+  include_stop_str_in_output: bool = False   # vLLM: the text ends after the stop string, not before it
   stop_token_ids: Sequence[int] = ()
   ignore_eos: bool = False
   logprobs: Optional[int] = None         # per generated token: its logprob and this many top ones
