@@ -15,8 +15,8 @@ longest.
 Both prefill and decode call the core `forward` with a cache (rows are independent: a query at
 position p sees cache rows j <= p of its own slot, so a reused slot never sees stale entries).
 Shapes are bucketed so requests join and leave without recompiling: the decode batch is always
-`max_slots` (free rows write at a dropped position); prefill chunks, the rows of a prefill call
-and the cache rows it attends over are powers of two (chunk x rows <= `prefill_chunk`). Where the decode-attention kernel runs (Hopper), a decode step passes the whole
+`max_slots` (free rows write at a dropped position); prefill chunks and the cache rows a prefill
+call attends over are powers of two, its rows a power of four (chunk x rows <= `prefill_chunk`). Where the decode-attention kernel runs (Hopper), a decode step passes the whole
 cache and the kernel reads each slot's rows below its length in place: one program for every
 length. Elsewhere attention runs over the cache prefix rounded up to `kv_block` rows (one program
 per bucket), so the bytes a step reads track the longest live sequence, not `max_len`.
@@ -427,7 +427,7 @@ class Engine:
   # ---------------------------------------------------------------- prefill
   def _prefill_waiting_slots(self):
     """The next chunk of every slot still prefilling. Chunks of one length bucket run in one call,
-    as many rows as keep rows x bucket <= prefill_chunk: a short chunk (a next turn on the prefix
+    up to the power of four of rows that keeps rows x bucket <= prefill_chunk: a short chunk (a next turn on the prefix
     cache, the last prompt token of n choices) reads as many weights as a long one, so rows batched
     share that read. A request asking for prompt logprobs runs alone (its logits are [bucket, V])."""
     groups: dict = {}
@@ -439,7 +439,9 @@ class Engine:
       alone = i if r.params.prompt_logprobs is not None else -1
       groups.setdefault((c, alone), []).append((i, r, n))
     for (c, alone), rows in groups.items():
-      per_call = 1 if alone >= 0 else self.prefill_chunk // c
+      per_call = 1   # rows in a call: a power of four, rows x c <= prefill_chunk
+      while alone < 0 and per_call * 4 * c <= self.prefill_chunk:
+        per_call *= 4
       for k in range(0, len(rows), per_call):
         self._prefill_rows(rows[k:k + per_call], c)
 
@@ -450,8 +452,12 @@ class Engine:
 
   def _prefill_rows(self, rows, c: int):
     """One prefill call: the next n tokens of each (slot, request, n) in `rows`, padded to c
-    tokens and to a power-of-two row count (padding rows name slot max_slots: their writes drop)."""
-    p, nbytes = 1 << (len(rows) - 1).bit_length(), -(-self.cfg.vocab_size // 8)
+    tokens and to a power-of-four row count (padding rows name slot max_slots: their writes drop).
+    Each row count is a program per (c, kv_len), compiled when first met: powers of four halve
+    them against powers of two, for at most 4x the rows of a call that is weight-bound anyway."""
+    p, nbytes = 1, -(-self.cfg.vocab_size // 8)
+    while p < len(rows):
+      p *= 4
     slots = np.full(p, self.max_slots, np.int32)
     toks, nxt = np.zeros((p, c), np.int32), np.zeros((p, c), np.int32)   # nxt: the token each position predicts
     pos = np.full((p, c), DROP, np.int32)
