@@ -267,6 +267,26 @@ def test_short_chunks_of_several_slots_prefill_in_one_call(model, uncached_logit
   assert sorted(calls) == [(1,), (1,)] and len(mixed[0].prompt_logprobs) == len(prompts[0])
 
 
+def test_precompile_leaves_nothing_to_compile(model, uncached_logits):
+  """After precompile, a mix of requests (lengths, arrivals, prefix reuse, copies, batched
+  prefill) runs without compiling, and gets the uncached tokens."""
+  cfg, params = model
+  eng = Engine(cfg, params, max_slots=4, max_len=MAX_LEN, prefill_chunk=64, kv_block=64)
+  assert eng.precompile() == 8 + 2 + 4          # prefill (chunk, rows, cache rows), decode buckets, copies
+  programs = lambda: [f._cache_size() for f in (eng._prefill, eng._decode, eng._copy_rows)]
+  compiled = programs()
+  prompts = _prompts(21, [3, 20, 70, 9, 33])
+  prompts.append(prompts[2][:40] + _prompts(22, [5])[0])   # shares 40 tokens with a longer prompt
+  reqs = [eng.submit(p, GREEDY) for p in prompts[:4]]
+  eng.step()
+  reqs += [eng.submit(p, GREEDY) for p in prompts[4:]]
+  while not all(r.done for r in reqs):
+    eng.step()
+  assert programs() == compiled
+  assert [r.output_ids for r in reqs] == [_greedy_alone(uncached_logits, p, 8) for p in prompts]
+  assert reqs[-1].cached == 40
+
+
 def test_prefix_caching_off_prefills_every_token(model):
   cfg, params = model
   eng = Engine(cfg, params, max_slots=1, max_len=MAX_LEN, prefill_chunk=16, kv_block=64, prefix_caching=False)

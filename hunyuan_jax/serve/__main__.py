@@ -21,6 +21,9 @@ flags.DEFINE_integer("kv_block", 256, "without the decode-attention kernel (non-
 flags.DEFINE_bool("enable_prefix_caching", True,
                   "a new request reuses the cached rows of the longest shared prompt prefix (a conversation's "
                   "earlier turns, a common system prompt); usage.prompt_tokens_details.cached_tokens counts them")
+flags.DEFINE_bool("precompile", False,
+                  "compile every prefill and decode program before serving (takes a while at start) instead of the "
+                  "first time a mix of requests meets one (a stall of seconds for every live request)")
 flags.DEFINE_bool("enable_thinking", True, "default chat_template_kwargs.enable_thinking")
 flags.DEFINE_string("default_chat_template_kwargs", None,
                     "default chat_template_kwargs as a JSON object (vLLM's flag), e.g. "
@@ -32,10 +35,12 @@ flags.DEFINE_bool("quiet", False, "no per-request log lines")
 def run(argv=None):
   del argv
   import os
+  import time
 
   from hunyuan_jax.serve.engine import cache_bytes
   from hunyuan_jax.serve.loader import build_engine, chat_family_for
   from hunyuan_jax.serve.openai_api import chat_defaults_from
+  from hunyuan_jax.serve.sampling import SamplingParams
   from hunyuan_jax.serve.server import ServeContext, Server
 
   try:
@@ -47,6 +52,10 @@ def run(argv=None):
                                   max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
                                   prefill_chunk=FLAGS.prefill_chunk, kv_block=FLAGS.kv_block, mesh=mesh,
                                   prefix_caching=FLAGS.enable_prefix_caching)
+  if FLAGS.precompile:   # for requests sampled as the defaults say, and for plain ones
+    t = time.perf_counter()
+    n = engine.precompile([SamplingParams(**defaults)] + ([SamplingParams()] if defaults else []))
+    print(f"precompiled {n} programs in {time.perf_counter() - t:.0f} s", flush=True)
   name = FLAGS.served_model_name or os.path.basename(os.path.normpath(FLAGS.model or FLAGS.config))
   ctx = ServeContext(engine, tok, name, chat_family_for(cfg, tok), defaults,
                      chat_defaults, FLAGS.api_key, FLAGS.quiet)

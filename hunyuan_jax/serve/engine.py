@@ -290,6 +290,43 @@ class Engine:
     self._bias_host = bias_rows([[]] * self.max_slots)
     self._held = [[]] * self.max_slots   # a failed program may have lost the cache
 
+  def precompile(self, params: Sequence[SamplingParams] = (SamplingParams(),)) -> int:
+    """Compiles every program requests sampled like `params` can meet, before any arrives: each
+    prefill shape (chunk, rows, cache rows), each decode cache bucket and each prefix copy. They
+    run on padding rows, whose writes drop, so nothing changes. Returns how many ran. Without
+    it a program compiles the first time a mix of requests meets it, stalling every live one."""
+    if self.num_active() or self._pending:
+      raise RuntimeError("precompile runs before the engine serves requests")
+    self._upload_rows()   # the state as serving passes it (the first one's arrays differ in type)
+    nbytes, runs = -(-self.cfg.vocab_size // 8), 0
+    lengths = range(1, self.max_len + 1)
+    prefill_lens = sorted({self._prefill_kv_len(n) for n in lengths})
+    decode_lens = sorted({self._decode_kv_len(n) for n in lengths})
+    for sp in params:
+      static = dict(options=sample_options([sp]), logprobs=logprob_width([sp]))
+      c = 16
+      while c <= self.prefill_chunk:
+        p = 1
+        while p * c <= self.prefill_chunk:
+          pad = lambda dt, v=0: np.full((p, c), v, dt)
+          for kv_len in [k for k in prefill_lens if k >= min(c, self.max_len)]:   # a c-chunk ends past c / 2
+            _, _, _, self.cache, self.state = self._prefill(
+                self.params, self.cache, self.state, None, np.zeros((p, nbytes), np.uint8),
+                np.full(p, self.max_slots, np.int32), pad(np.int32), pad(np.int32, DROP), pad(np.int32),
+                np.zeros(p, np.int32), np.zeros(p, bool), kv_len=kv_len, prompt_logprobs=None, **static)
+            runs += 1
+          p *= 4
+        c *= 2
+      for kv_len in decode_lens:
+        _, _, self.cache, self.state = self._decode(self.params, self.cache, self.state, kv_len=kv_len, **static)
+        runs += 1
+    n = MIN_COPY
+    while n < 2 * self.max_len:
+      self.cache = self._copy_rows(self.cache, np.int32(0), np.int32(0), n=self._copy_len(n))
+      n, runs = n * 2, runs + 1
+    jax.block_until_ready(self.cache)
+    return runs
+
   # ---------------------------------------------------------------- scheduling
   def step(self) -> None:
     """One iteration: admit, prefill a chunk per new slot, dispatch a decode step, read the last one."""
