@@ -287,6 +287,17 @@ def test_precompile_leaves_nothing_to_compile(model, uncached_logits):
   assert reqs[-1].cached == 40
 
 
+def test_common_prefix_across_slice_boundaries():
+  from hunyuan_jax.serve.prefix_cache import common_prefix
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    a = rng.integers(0, 3, rng.integers(0, 3000)).tolist()
+    m = int(rng.integers(0, len(a) + 1))
+    b = a[:m] + rng.integers(0, 3, rng.integers(0, 400)).tolist()
+    naive = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    assert common_prefix(a, b) == naive
+
+
 def test_prefix_caching_off_prefills_every_token(model):
   cfg, params = model
   eng = Engine(cfg, params, max_slots=1, max_len=MAX_LEN, prefill_chunk=16, kv_block=64, prefix_caching=False)

@@ -4,21 +4,16 @@
       length bucket in one call) -> first token sampled in the last chunk
       -> decode steps over ALL slots at once -> stop -> free
 
-Prefix caching: a freed slot keeps its rows, and the engine remembers the tokens they hold. A new
-request goes to the free slot whose rows share the longest prefix with its prompt (the previous
-turn of a conversation), or, where a busy slot shares more (a common system prompt), that
-slot's rows are copied into a free one; prefill starts after the shared prefix. A request whose
-prefix a slot is still prefilling waits for it (n choices of one prompt are prefilled once).
-With no match the least recently freed slot is taken, so recent conversations keep their rows
-longest.
+Prefix caching (prefix_cache.py): a new request starts from the rows of the slot that shares the
+longest prefix with its prompt (copied, when that slot is busy); prefill starts after them.
 
 Both prefill and decode call the core `forward` with a cache (rows are independent: a query at
 position p sees cache rows j <= p of its own slot, so a reused slot never sees stale entries).
 Shapes are bucketed so requests join and leave without recompiling: the decode batch is always
 `max_slots` (free rows write at a dropped position); prefill chunks and the cache rows a prefill
-call attends over are powers of two, its rows a power of four (chunk x rows <= `prefill_chunk`). Where the decode-attention kernel runs (Hopper), a decode step passes the whole
-cache and the kernel reads each slot's rows below its length in place: one program for every
-length. Elsewhere attention runs over the cache prefix rounded up to `kv_block` rows (one program
+call attends over are powers of two, its rows a power of four (chunk x rows <= `prefill_chunk`).
+Where the decode-attention kernel runs (Hopper), a decode step passes the whole cache and the
+kernel reads each slot's rows below its length in place: one program for every length. Elsewhere attention runs over the cache prefix rounded up to `kv_block` rows (one program
 per bucket), so the bytes a step reads track the longest live sequence, not `max_len`.
 
 Decode state (last token, position, sampling parameters, penalty counts) lives on the device and
@@ -50,6 +45,7 @@ from hunyuan_jax.model.attention import cache_read_in_place
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve import structured
 from hunyuan_jax.serve.metrics import EngineMetrics
+from hunyuan_jax.serve.prefix_cache import MIN_COPY, SlotPrefixes
 from hunyuan_jax.serve.sampling import (NEG, SamplingArrays, SamplingParams, bias_rows, logprob_width, sample,
                                         sample_options, token_logprobs)
 
@@ -178,9 +174,7 @@ class Engine:
       self._state_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       self.state = jax.device_put(self.state, self._state_sharding)
     self.slots: list[Optional[Request]] = [None] * b
-    self._held = [[]] * b          # a free slot's tokens (Request.rows_written at its end)
-    self._freed_at = [0] * b                   # when each slot was last freed (least recent reused first)
-    self._clock = itertools.count(1)
+    self._prefixes = SlotPrefixes(b)
     self.metrics = EngineMetrics()
     self._pos_host = np.zeros(b, np.int64)
     self._inbox: "queue.Queue[Request]" = queue.Queue()   # submit (any thread) -> the engine thread
@@ -288,7 +282,7 @@ class Engine:
         self.slots[i] = None
     self._sp_host = [None] * self.max_slots
     self._bias_host = bias_rows([[]] * self.max_slots)
-    self._held = [[]] * self.max_slots   # a failed program may have lost the cache
+    self._prefixes.forget()   # a failed program may have lost the cache
 
   def precompile(self, params: Sequence[SamplingParams] = (SamplingParams(),)) -> int:
     """Compiles every program requests sampled like `params` can meet, before any arrives: each
@@ -371,8 +365,9 @@ class Engine:
       if r.cancelled:
         self._finish(r, "abort")
         continue
-      placed = self._place(r) if None in self.slots else None
-      if placed is None or self._prefill_to_share(r, placed[2]):
+      reuse = self.prefix_caching and r.params.prompt_logprobs is None   # those need every row's logits
+      placed = self._prefixes.place(r.prompt_ids, self.slots, reuse) if None in self.slots else None
+      if placed is None or reuse and self._prefixes.prefill_to_share(r.prompt_ids, self.slots, placed[2]):
         self._waiting.append(r)
         continue
       i, source, n = placed
@@ -387,34 +382,6 @@ class Engine:
     if changed:
       self._upload_rows()
 
-  def _place(self, r: Request) -> tuple[int, int, int]:
-    """(the free slot r takes, the slot whose rows it starts from, how many of them it keeps)."""
-    free = [i for i, s in enumerate(self.slots) if s is None]
-    oldest = min(free, key=self._freed_at.__getitem__)
-    if not self.prefix_caching or r.params.prompt_logprobs is not None:   # those need every prompt row's logits
-      return oldest, oldest, 0
-    prompt = r.prompt_ids[:-1]   # the last prompt token runs: its logits give the first output
-    match = [_common_prefix(prompt, self._held[i] if s is None else s.rows_written())
-             for i, s in enumerate(self.slots)]
-    best_free = max(free, key=lambda i: (match[i], -self._freed_at[i]))
-    best = max(range(self.max_slots), key=match.__getitem__)
-    if match[best] >= match[best_free] + MIN_COPY:   # a busy slot shares more: copy its rows
-      return oldest, best, match[best]
-    return best_free, best_free, match[best_free]
-
-  def _prefill_to_share(self, r: Request, have: int) -> bool:
-    """Whether a slot still prefilling will hold more of r's prompt (MIN_COPY tokens at least)
-    than the `have` rows r could start from now (n choices of one prompt, a burst with one system
-    prompt): r then waits for those rows instead of computing them again beside them."""
-    if not self.prefix_caching or r.params.prompt_logprobs is not None:
-      return False
-    for s in self.slots:
-      if s is not None and s.prefilled < len(s.prompt_ids):
-        shared = _common_prefix(r.prompt_ids[:-1], s.prompt_ids)
-        if shared > have and shared >= MIN_COPY:
-          return True
-    return False
-
   def _copy_len(self, n: int) -> int:
     """Rows a prefix copy moves: n rounded up to a power of two (one program per size)."""
     return min(self.max_len, max(MIN_COPY, 1 << (n - 1).bit_length()))
@@ -428,8 +395,7 @@ class Engine:
     return self._constrain(jax.tree.map(copy, cache))
 
   def _free(self, i: int):
-    self._held[i] = self.slots[i].rows_written()
-    self._freed_at[i] = next(self._clock)
+    self._prefixes.freed(i, self.slots[i].rows_written())
     self.slots[i] = None
     self._sp_host[i] = None
     self._set_bias_row(i, [])
@@ -693,22 +659,6 @@ class Engine:
     last = slice(-1, None) if reason != "abort" else slice(0, 0)
     r.events.put(Delta(r.output_ids[last], r.text[r._emitted:], reason, logprobs=r.logprobs[last]))
     r._emitted = len(r.text)
-
-
-MIN_COPY = 16   # shared tokens worth a copy (or a wait): more than a busy slot adds over the best free one
-
-
-def _common_prefix(a: list, b: list) -> int:
-  """Length of the common prefix of two token lists, compared in growing slices: unrelated
-  prompts cost one short comparison, not a conversion of two whole contexts."""
-  n, k, width = min(len(a), len(b)), 0, 64
-  while k < n:
-    hi = min(n, k + width)
-    diff = np.flatnonzero(np.asarray(a[k:hi]) != np.asarray(b[k:hi]))
-    if len(diff):
-      return k + int(diff[0])
-    k, width = hi, width * 4
-  return n
 
 
 def _logprob_entries(lps, rows, token_ids, width: int) -> list:
