@@ -11,7 +11,6 @@ Two cases, each timed after a warm-up of the same shapes (random bf16 weights, A
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 
