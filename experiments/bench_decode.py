@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.config import ModelConfig, with_num_layers
 from hunyuan_jax.model import forward, init_params, moe_parallel
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve.engine import Engine, cache_bytes
@@ -64,6 +64,7 @@ flags.DEFINE_string("hlo_out", "", "write the decode step's optimized HLO here (
 flags.DEFINE_float("top_p", 1.0, "top-p of every request (< 1 adds the top-k/top-p cuts to each step)")
 flags.DEFINE_integer("logprobs", None, "every request asks for its tokens' logprobs and this many top ones")
 flags.DEFINE_integer("logit_bias", 0, "every request sets a logit_bias of this many ids (the bias pass runs each step)")
+flags.DEFINE_bool("fused_qkv", True, "one q/k/v GEMM per layer (Engine fused_qkv); --nofused_qkv for an A/B")
 flags.DEFINE_bool("profile", False, "print the top device kernels of the decode step at full context")
 flags.DEFINE_integer("profile_top", 15, "kernels listed by --profile")
 flags.DEFINE_integer("tensor", 1, "tensor-parallel devices (heads, FFN width and KV heads split)")
@@ -75,12 +76,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 PREFIX_TURN = 64   # new tokens of the next-turn TTFT (a chat turn on the prefix cache)
-
-
-def truncate_layers(cfg: ModelConfig, n: int) -> ModelConfig:
-  per_layer = {f.name: getattr(cfg, f.name)[:n] for f in dataclasses.fields(cfg)
-               if isinstance(getattr(cfg, f.name), tuple) and len(getattr(cfg, f.name)) == cfg.num_layers}
-  return cfg.replace(num_layers=n, **per_layer)
 
 
 def tp_share_config(cfg: ModelConfig, n: int) -> ModelConfig:
@@ -289,7 +284,7 @@ def pick_layers(cfg, b_max, max_len, n_dev=1) -> int:
   limit = stats.get("bytes_limit", 0)
   if not limit:
     return 2
-  one = truncate_layers(cfg, 1)
+  one = with_num_layers(cfg, 1)
   shapes = jax.eval_shape(lambda: init_params(one, jax.random.key(0)))
   per_layer = _bytes(shapes["groups_0"])
   head = _bytes(shapes) - per_layer
@@ -312,7 +307,7 @@ def main(_):
   if not FLAGS.layers and os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() == "false":
     print("warning: XLA_PYTHON_CLIENT_PREALLOCATE=false and a layer count that fills the device can "
           "run out of memory growing the pool; unset it or pass --layers", flush=True)
-  cfg = truncate_layers(cfg, n_layers)
+  cfg = with_num_layers(cfg, n_layers)
   dev = jax.devices()[0]
   print(f"device {n_dev} x {dev.device_kind} (mesh {dict(mesh.shape) if mesh else None}) | jax {jax.__version__} | "
         f"{FLAGS.config} x {n_layers} layers | input {FLAGS.input_len} output {FLAGS.output_len} (cache {max_len})",
@@ -331,7 +326,7 @@ def main(_):
   for b in batches:
     try:
       eng = Engine(cfg, params, max_slots=b, max_len=max_len, prefill_chunk=FLAGS.input_len,
-                   kv_block=FLAGS.kv_block, mesh=mesh)
+                   kv_block=FLAGS.kv_block, mesh=mesh, fused_qkv=FLAGS.fused_qkv)
       print(f"batch {b}: cache {eng.cache_bytes / 2**30:.1f} GiB, read in place by the kernel: "
             f"{eng.cache_in_place}; device 0 holds {_in_use(dev):.1f} GiB", flush=True)
       t_stage = time.perf_counter()

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from bench_decode import sampling_params, truncate_layers   # sets the decode XLA flags first
+from bench_decode import sampling_params, with_num_layers   # sets the decode XLA flags first
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.serve.engine import Engine
 from hunyuan_jax.serve.loader import random_params
@@ -65,7 +65,7 @@ def measure(cfg, params, caching: bool) -> dict:
 def main(_):
   import jax
   cfg = ModelConfig.from_pretrained(FLAGS.config)
-  cfg = truncate_layers(cfg, FLAGS.layers or 7)
+  cfg = with_num_layers(cfg, FLAGS.layers or 7)
   params = random_params(cfg, None, 0)
   print(f"{jax.devices()[0].device_kind} | jax {jax.__version__} | {FLAGS.config} x {cfg.num_layers} layers | "
         f"prompt {FLAGS.prompt_len}, n {FLAGS.n}, next turn +{FLAGS.turn}", flush=True)

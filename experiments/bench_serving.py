@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import http.client
 import json
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -28,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from hunyuan_jax.serve.model_flags import define_model_flags, load_from_flags
+from hunyuan_jax.serve.sampling import SamplingParams
 
 define_model_flags()
 flags.DEFINE_string("base_url", None, "a running server; without it one is started here from the model flags")
@@ -42,16 +44,39 @@ flags.DEFINE_integer("max_concurrency", 0, "requests in flight at most (0: no li
 flags.DEFINE_integer("vocab_limit", 30000, "prompt ids are drawn below this (and below the model's vocabulary)")
 flags.DEFINE_integer("seed", 0, "prompt and arrival seed")
 flags.DEFINE_string("json_out", "", "write every request's timings here")
+flags.DEFINE_bool("precompile", False, "the server started here compiles every program first (serve --precompile); "
+                  "then no warm-up round runs")
 FLAGS = flags.FLAGS
 
 
+def id_tokenizer_file(vocab: int) -> str:
+  """A stand-in tokenizer.json for random weights of a real vocabulary (no tokenizer files here):
+  token i spells "<i>". The load is token ids in, so only the server's detokenizer uses it."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab)}, unk_token="<0>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  path = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
+  tok.save(path)
+  return path
+
+
 def start_server():
+  from hunyuan_jax.config import ModelConfig, override_from_strings
   from hunyuan_jax.serve.loader import build_engine, chat_family_for
   from hunyuan_jax.serve.server import ServeContext, Server
+  from hunyuan_jax.tokenizer import ByteTokenizer
+  if FLAGS.random_weights and not FLAGS.tokenizer:
+    vocab = override_from_strings(ModelConfig.from_pretrained(FLAGS.config), FLAGS.override).vocab_size
+    if vocab != ByteTokenizer().vocab_size:
+      FLAGS.tokenizer = id_tokenizer_file(vocab)
   _, cfg, params, tok = load_from_flags()
   max_len = FLAGS.max_len or FLAGS.input_len + FLAGS.output_len + 16
   engine, _ = build_engine(cfg, params, tok, max_slots=FLAGS.max_slots, max_len=max_len,
                            prefill_chunk=FLAGS.prefill_chunk)
+  if FLAGS.precompile:
+    t = time.perf_counter()
+    n = engine.precompile([SamplingParams(temperature=1.0, ignore_eos=True)])
+    print(f"precompiled {n} programs in {time.perf_counter() - t:.1f} s", flush=True)
   name = FLAGS.config or "model"
   server = Server(ServeContext(engine, tok, name, chat_family_for(cfg, tok), quiet=True), port=0).start()
   return server, cfg.vocab_size
@@ -94,7 +119,10 @@ def run_load(url: str, model: str, vocab: int, seed: int) -> tuple[list, float]:
     with limit:
       body = {"model": model, "prompt": prompts[i], "max_tokens": FLAGS.output_len, "temperature": 1.0,
               "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-      results[i] = stream_completion(url, body)
+      try:
+        results[i] = stream_completion(url, body)
+      except OSError as e:   # counted as failed, with the reason
+        results[i] = {"error": repr(e)}
 
   threads = []
   t0 = time.perf_counter()
@@ -115,7 +143,8 @@ def summarize(results, wall: float) -> dict:
   out_tokens = sum(r["usage"]["completion_tokens"] for r in ok)
   cached = sum(r["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0) for r in ok)
   ms = lambda a, q: float(np.percentile(a, q) * 1e3) if len(a) else float("nan")
-  return {"completed": len(ok), "failed": len(results) - len(ok), "wall_s": wall,
+  errors = sorted({r["error"][:120] for r in results if r and "error" in r})
+  return {"completed": len(ok), "failed": len(results) - len(ok), "errors": errors, "wall_s": wall,
           "request_per_s": len(ok) / wall, "output_tok_s": out_tokens / wall,
           "prompt_tokens_cached": cached,
           **{f"{name}_ms_{k}": ms(a, q) for name, a in (("ttft", ttft), ("tpot", tpot), ("itl", itl))
@@ -137,7 +166,7 @@ def main(_):
   print(f"{url} | model {model} | {FLAGS.num_prompts} prompts x {FLAGS.input_len} tokens "
         f"({FLAGS.shared_prefix_len} shared) -> {FLAGS.output_len} | rate {FLAGS.request_rate}/s, "
         f"concurrency {FLAGS.max_concurrency or 'unlimited'}", flush=True)
-  if server is not None:   # a warm-up round of other prompts: the server started here compiles first
+  if server is not None and not FLAGS.precompile:   # a warm-up round of other prompts compiles first
     run_load(url, model, vocab, FLAGS.seed + 1)
   results, wall = run_load(url, model, vocab, FLAGS.seed)
   s = summarize(results, wall)

@@ -364,4 +364,12 @@ def override_from_strings(c: ModelConfig, items: Sequence[str]) -> ModelConfig:
       overrides[key] = json.loads(raw)
     except json.JSONDecodeError:
       overrides[key] = raw
+  n = overrides.get("num_layers")
+  if isinstance(n, int) and n <= c.num_layers:   # the first n layers: per-layer fields follow
+    overrides = {**{k: getattr(c, k)[:n] for k in _PER_LAYER}, **overrides}
   return c.replace(**overrides)
+
+
+def with_num_layers(c: ModelConfig, n: int) -> ModelConfig:
+  """The model's first `n` layers (benchmarks that time as many layers as fit a device)."""
+  return override_from_strings(c, [f"num_layers={n}"])

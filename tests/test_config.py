@@ -55,3 +55,14 @@ def test_errors_name_the_field():
 def test_string_overrides():
   cfg = override_from_strings(load_preset("tiny"), ["dtype=float32", "moe_capacity_factor=1.25"])
   assert cfg.dtype == "float32" and cfg.moe_capacity_factor == 1.25
+
+
+def test_fewer_layers_by_override_keep_the_first_layers():
+  """`--override=num_layers=7` on a preset with per-layer fields (benchmarks time a few layers):
+  the per-layer fields follow; more layers than the preset has still asks for those fields."""
+  hy3 = load_preset("hy3")
+  cfg = override_from_strings(hy3, ["num_layers=3"])
+  assert cfg.num_layers == 3 and cfg.mlp_layer_types == ("dense", "moe", "moe")
+  assert cfg.moe_top_k == hy3.moe_top_k[:3] and cfg.shared_expert_size == hy3.shared_expert_size[:3]
+  with pytest.raises(ValueError, match="mlp_layer_types: needs one entry per layer"):
+    override_from_strings(hy3, [f"num_layers={hy3.num_layers + 1}"])

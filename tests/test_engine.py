@@ -382,6 +382,7 @@ for name, eng in (("one", Engine(cfg, params, **kw)), ("many", Engine(cfg, shard
   runs[name] += [r.output_ids for r in reqs]
   runs[name + "_cached"] = [r.cached for r in reqs]
 print(json.dumps({**runs, "cache_spec": str(jax.tree.leaves(eng.cache)[0].sharding.spec),
+                  "qkv_spec": list(eng.params["groups_0"]["layer_0"]["attn"]["qkv"].sharding.spec),
                   "sharded_moe_calls": len(sharded_moe_calls),
                   "compiles": compiles}))
 """
@@ -400,6 +401,7 @@ def test_sharded_engine_matches_single_device():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["one"] == out["many"] and out["one_cached"] == out["many_cached"] == [20, 18]
   assert "tensor" in out["cache_spec"] and "data" in out["cache_spec"]   # kv heads and slots are sharded
+  assert out["qkv_spec"] == [None, None, "tensor"]   # fused q/k/v [L, H, S, G, D]: blocks per shard
   # prefill and decode trace the MoE per shard (its kernels see local experts), not through GSPMD
   assert out["sharded_moe_calls"] > 0
   # two prompts, one chunk bucket: outputs fed back keep their input shardings, so nothing recompiles
@@ -419,3 +421,37 @@ def test_xla_flags_keep_the_users_values(monkeypatch):
   assert len(os.environ["XLA_FLAGS"].split()) == n
   use_train_xla_flags()
   assert os.environ["XLA_FLAGS"].split()[n:] == list(TRAIN_GPU_FLAGS)
+
+
+CACHE_SCRIPT = r"""
+import sys, time, jax
+from absl import flags
+from hunyuan_jax.serve.model_flags import define_model_flags, load_from_flags
+from hunyuan_jax.serve.loader import build_engine
+define_model_flags()
+flags.FLAGS(["x", "--random_weights", "--config=tiny", f"--compilation_cache_dir={sys.argv[1]}"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)   # cache even the tiny programs
+_, cfg, params, tok = load_from_flags()
+eng, _ = build_engine(cfg, params, tok, max_slots=2, max_len=64, prefill_chunk=16)
+t = time.perf_counter()
+eng.precompile()
+print(jax.config.jax_compilation_cache_dir, time.perf_counter() - t)
+"""
+
+
+def test_compilation_cache_dir_is_used_by_the_next_start(tmp_path):
+  """serve / generate's --compilation_cache_dir: the first start writes programs there, the
+  second reads them (each start in its own process, as a restarted server)."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  runs = []
+  for _ in range(2):
+    proc = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, secs = proc.stdout.split()[-2:]
+    runs.append((len(os.listdir(tmp_path)), float(secs)))
+  assert where == str(tmp_path) and runs[0][0] > 0 and runs[1][0] == runs[0][0]   # all reused
+  assert runs[1][1] < runs[0][1]

@@ -120,3 +120,9 @@ def test_gpu_cached_decode_uses_the_kernel_and_matches_reference(monkeypatch):
     logits[impl] = np.asarray(step(params, tokens[:, 99:], pos[:, 99:], cache).logits)
   assert kernels["gpu"] > kernels["reference"]
   assert rel_err(logits["gpu"], logits["reference"]) < 2e-2
+  # the serving layout (one q/k/v GEMM, attention.fuse_qkv) on the same kernel
+  from hunyuan_jax.model.attention import fuse_qkv
+  monkeypatch.setenv("KERNELS_PALLAS_BACKEND", "decode_attention=gpu")
+  step = jax.jit(lambda p, t, q, c: forward(p, t, q, c, cfg=cfg))
+  fused = np.asarray(step(fuse_qkv(params), tokens[:, 99:], pos[:, 99:], cache).logits)
+  assert rel_err(fused, logits["reference"]) < 2e-2

@@ -287,3 +287,44 @@ def test_projection_of_few_rows_matches_einsum():
   xb, wb = x1[:, :1].astype(jnp.bfloat16), w1.astype(jnp.bfloat16)
   assert project(xb, wb).dtype == jnp.bfloat16
   assert project(xb, wb, out_dtype=jnp.float32).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_qkv_gives_the_same_logits(family):
+  """The serving layout (one q/k/v kernel per layer that owns K/V, in blocks per tensor shard)
+  gives the unfused model's logits, with a cache and on a decode step; CLA's shared layers keep q."""
+  from hunyuan_jax.model.attention import fuse_qkv
+  cfg = tiny(family)
+  params = init_params(cfg, jax.random.key(0))
+  fused = fuse_qkv(params)
+  names = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(fused)}
+  assert any(n.endswith("['qkv']") for n in names) and not any(n.endswith("['k']") for n in names)
+  assert any(n.endswith("['q']") for n in names) == (family == "large")
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+  for p in (params, fused):
+    cache = init_cache(cfg, 2, 16, jnp.float32)
+    out = forward(p, tokens[:, :8], pos[:, :8], cache, cfg=cfg)
+    step = forward(p, tokens[:, 8:], pos[:, 8:], out.cache, cfg=cfg)
+    if p is params:
+      want = (out.logits, step.logits)
+  # one wider fp32 dot sums in another order than three narrow ones (hy3 differs by ~2e-6)
+  np.testing.assert_allclose(out.logits, want[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(step.logits, want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_blocks_follow_the_tensor_shards():
+  """With 2 shards, block s holds q heads [s n/2, (s+1) n/2), then k and v heads of shard s."""
+  from hunyuan_jax.model.attention import fuse_qkv, split_qkv
+  cfg = tiny("a13b", num_layers=1)
+  attn = init_params(cfg, jax.random.key(0))["groups_0"]["layer_0"]["attn"]
+  q, k, v = attn["q"][0], attn["k"][0], attn["v"][0]            # [H, n, D], [H, kv, D]
+  qkv = fuse_qkv({"attn": {"q": q, "k": k, "v": v}}, 2)["attn"]["qkv"]
+  n, kv = cfg.num_heads, cfg.num_kv_heads
+  assert qkv.shape == (cfg.hidden_size, 2, (n + 2 * kv) // 2, cfg.head_dim)
+  np.testing.assert_array_equal(qkv[:, 1, : n // 2], q[:, n // 2:])
+  np.testing.assert_array_equal(qkv[:, 1, n // 2: n // 2 + kv // 2], k[:, kv // 2:])
+  x = jax.random.normal(jax.random.key(2), (1, 3, cfg.hidden_size))
+  got = split_qkv(jnp.einsum("btd,dsgh->btsgh", x, qkv), n, kv)
+  for g, w in zip(got, (q, k, v)):
+    np.testing.assert_allclose(g, jnp.einsum("btd,dnh->btnh", x, w), rtol=1e-6, atol=1e-6)

@@ -19,6 +19,7 @@ slot's or a stale entry; a chunk at a position past the cache (an idle slot) rea
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import flax.linen as nn
@@ -56,6 +57,66 @@ def write_kv_rows(cache: KV, rows: KV, positions_bt: jax.Array, batch_index_b=No
     return buf.at[:, b_idx, :, positions_bt].set(jnp.moveaxis(new, 0, 2).astype(buf.dtype), mode="drop")
 
   return KV(put(cache.k_bsnd, rows.k_bsnd), put(cache.v_bsnd, rows.v_bsnd))
+
+
+def qkv_shards(cfg: ModelConfig, mesh=None) -> int:
+  """Tensor shards of the heads (1 without a mesh); 0 when q and K/V heads shard differently,
+  which leaves q, k, v apart (a fused kernel's per-shard blocks would not line up)."""
+  if mesh is None:
+    return 1
+
+  def count(axis, size):
+    entry = logical_to_mesh_spec(jax.sharding.PartitionSpec(axis), (size,), mesh)[0]
+    axes = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+    return math.prod(mesh.shape[a] for a in axes)
+
+  s = count("heads", cfg.num_heads)
+  return s if s == count("kv_heads", cfg.num_kv_heads) else 0
+
+
+def fuse_qkv(params, shards: int = 1):
+  """Serving layout: each attention layer that owns K/V gets one `qkv` kernel [..., H, S, G, D]
+  for its q, k, v ([..., H, n, D] and [..., H, kv, D]; S = `shards` (see qkv_shards),
+  G = (n + 2 kv) / S): block s holds shard s's q heads, then its k and v heads, so one GEMM
+  (one weight read, one cuBLAS ramp) serves all three and the block axis shards over `tensor`
+  like the heads. Returns a new tree; the input is not changed."""
+  s = shards
+
+  def fuse(q, k, v):
+    lead = q.shape[:-2]
+    blocks = [w.reshape(lead + (s, w.shape[-2] // s, w.shape[-1])) for w in (q, k, v)]
+    return jnp.concatenate(blocks, axis=-2)
+
+  def walk(tree):
+    if not isinstance(tree, dict):
+      return tree
+    out = {key: walk(sub) for key, sub in tree.items()}
+    if {"q", "k", "v"} <= out.keys() and not isinstance(out["q"], dict):
+      q, k, v = out.pop("q"), out.pop("k"), out.pop("v")
+      out["qkv"] = jax.jit(fuse, out_shardings=_blocks_like_heads(q))(q, k, v)
+    return out
+
+  return walk(params)
+
+
+def _blocks_like_heads(q):
+  """q's sharding [..., H, n, D] carried over to [..., H, S, G, D] (S sharded as n was)."""
+  sharding = getattr(q, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  spec = list(sharding.spec) + [None] * (q.ndim - len(sharding.spec))
+  spec = spec[:-1]            # [..., H, n] -> [..., H, S]; G and D are whole
+  while spec and spec[-1] is None:   # the short form, as jit returns it (no new sharding)
+    spec.pop()
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def split_qkv(y_btsgd, num_heads: int, num_kv_heads: int):
+  """The `qkv` projection [B, T, S, G, D] -> q [B, T, n, D], k, v [B, T, kv, D]."""
+  b, t, s, _, d = y_btsgd.shape
+  nq, nk = num_heads // s, num_kv_heads // s
+  part = lambda lo, size: y_btsgd[:, :, :, lo:lo + size].reshape(b, t, s * size, d)
+  return part(0, nq), part(nq, nk), part(nq + nk, nk)
 
 
 def _layer(stacked, layer):
@@ -159,7 +220,10 @@ class Attention(nn.Module):
     cfg, dt = self.cfg, compute_dtype(self.cfg)
     pdt = jnp.dtype(cfg.param_dtype)
     n, kvh, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    wq = param(self, "q", (h, n, d), ("embed", "heads", "head_dim"), pdt, fan_in=h)
+    own_kv = self.kv_source == "self"
+    fused = own_kv and self.has_variable("params", "qkv")   # the serving layout (fuse_qkv)
+    if not fused:
+      wq = param(self, "q", (h, n, d), ("embed", "heads", "head_dim"), pdt, fan_in=h)
     wo = param(self, "o", (n, d, h), ("heads", "head_dim", "embed"), pdt, fan_in=n * d)
     q_norm = k_norm = None
     if cfg.qk_norm != "none":
@@ -168,17 +232,21 @@ class Attention(nn.Module):
       k_norm = param(self, "k_norm", (d,), ("head_dim",), pdt, init=ones)
     cos, sin = cos_sin
     x = x_btd.astype(dt)
-    q = project(x, wq.astype(dt))
+    if fused:
+      q, k, v = split_qkv(project(x, self.get_variable("params", "qkv").astype(dt)), n, kvh)
+    elif own_kv:
+      wk = param(self, "k", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
+      wv = param(self, "v", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
+      q, k, v = (project(x, w.astype(dt)) for w in (wq, wk, wv))
+    else:
+      q = project(x, wq.astype(dt))
     if cfg.qk_norm == "before_rope":
       q = rms_norm(q, q_norm, cfg.rms_norm_eps)
     q = apply_rope(q, cos, sin)
     if cfg.qk_norm == "after_rope":
       q = rms_norm(q, q_norm, cfg.rms_norm_eps)
 
-    if self.kv_source == "self":
-      wk = param(self, "k", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
-      wv = param(self, "v", (h, kvh, d), ("embed", "kv_heads", "head_dim"), pdt, fan_in=h)
-      k, v = project(x, wk.astype(dt)), project(x, wv.astype(dt))
+    if own_kv:
       if cfg.qk_norm == "before_rope":
         k = rms_norm(k, k_norm, cfg.rms_norm_eps)
       k = apply_rope(k, cos, sin)

@@ -41,7 +41,7 @@ import numpy as np
 
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.model import cache_logical_axes, forward, init_cache, moe_parallel, write_kv_rows
-from hunyuan_jax.model.attention import cache_read_in_place
+from hunyuan_jax.model.attention import cache_read_in_place, fuse_qkv, qkv_shards
 from hunyuan_jax.model.transformer import Transformer
 from hunyuan_jax.serve import structured
 from hunyuan_jax.serve.metrics import EngineMetrics
@@ -143,8 +143,12 @@ def _rows_to_cache(cache, kv_rows, pos_bt, b_idx=None):
 class Engine:
   def __init__(self, cfg: ModelConfig, params, *, max_slots: int = 8, max_len: Optional[int] = None,
                prefill_chunk: int = 512, kv_block: int = 256, tokenizer=None, eos_ids: Sequence[int] = (),
-               mesh=None, cache_dtype=None, prefix_caching: bool = True):
-    self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
+               mesh=None, cache_dtype=None, prefix_caching: bool = True, fused_qkv: bool = True):
+    # fused_qkv: one q/k/v GEMM per layer (attention.fuse_qkv); the fused copy of those weights
+    # exists next to the caller's until the caller drops them.
+    self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+    shards = qkv_shards(cfg, mesh)
+    self.params = fuse_qkv(params, shards) if fused_qkv and shards else params
     self.max_slots = max_slots
     self.prefix_caching = prefix_caching
     self.max_len = int(max_len or cfg.max_position_embeddings)

@@ -400,14 +400,20 @@ class _Choice:
   tokens: int = 0           # completion tokens received so far
 
 
+class _HTTPServer(ThreadingHTTPServer):
+  daemon_threads = True
+  # The listen backlog: the standard library's 5 leaves a burst of clients to SYN retries
+  # (uvicorn, under vLLM, listens with 2048).
+  request_queue_size = 1024
+
+
 class Server:
   """The HTTP server plus the engine thread; `start()` for tests, `serve_forever()` for the CLI."""
 
   def __init__(self, ctx: ServeContext, host: str = "127.0.0.1", port: int = 8000, run_engine: bool = True):
     handler = type("BoundHandler", (Handler,), {"ctx": ctx})
     self.ctx = ctx
-    self.httpd = ThreadingHTTPServer((host, port), handler)
-    self.httpd.daemon_threads = True
+    self.httpd = _HTTPServer((host, port), handler)
     self._stop = threading.Event()
     self._threads = []
     if run_engine:
