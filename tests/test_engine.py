@@ -287,6 +287,20 @@ def test_precompile_leaves_nothing_to_compile(model, uncached_logits):
   assert reqs[-1].cached == 40
 
 
+def test_precompile_skips_row_counts_beyond_the_slots(model):
+  """One slot never batches prefill rows: its precompile leaves out the 4-row programs (c = 16:
+  one per cache-row bucket: 64 and 128), and a 77-token prompt (chunks of 64 and 13) compiles
+  nothing new."""
+  cfg, params = model
+  eng = Engine(cfg, params, max_slots=1, max_len=MAX_LEN, prefill_chunk=64, kv_block=64)
+  assert eng._prefill_row_counts(16) == [1] and eng._rows_per_call(16) == 4
+  assert eng.precompile() == 8 - 2 + 2 + 4   # 4 slots: 8 prefill programs, 2 of them 4-row
+  compiled = [f._cache_size() for f in (eng._prefill, eng._decode, eng._copy_rows)]
+  req, = eng.generate([_prompts(23, [77])[0]], GREEDY)
+  assert len(req.output_ids) == GREEDY.max_tokens
+  assert [f._cache_size() for f in (eng._prefill, eng._decode, eng._copy_rows)] == compiled
+
+
 def test_common_prefix_across_slice_boundaries():
   from hunyuan_jax.serve.prefix_cache import common_prefix
   rng = np.random.default_rng(0)

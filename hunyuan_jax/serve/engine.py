@@ -304,8 +304,7 @@ class Engine:
       static = dict(options=sample_options([sp]), logprobs=logprob_width([sp]))
       c = 16
       while c <= self.prefill_chunk:
-        p = 1
-        while p * c <= self.prefill_chunk:
+        for p in self._prefill_row_counts(c):
           pad = lambda dt, v=0: np.full((p, c), v, dt)
           for kv_len in [k for k in prefill_lens if k >= min(c, self.max_len)]:   # a c-chunk ends past c / 2
             _, _, _, self.cache, self.state = self._prefill(
@@ -313,7 +312,6 @@ class Engine:
                 np.full(p, self.max_slots, np.int32), pad(np.int32), pad(np.int32, DROP), pad(np.int32),
                 np.zeros(p, np.int32), np.zeros(p, bool), kv_len=kv_len, prompt_logprobs=None, **static)
             runs += 1
-          p *= 4
         c *= 2
       for kv_len in decode_lens:
         _, _, self.cache, self.state = self._decode(self.params, self.cache, self.state, kv_len=kv_len, **static)
@@ -446,11 +444,24 @@ class Engine:
       alone = i if r.params.prompt_logprobs is not None else -1
       groups.setdefault((c, alone), []).append((i, r, n))
     for (c, alone), rows in groups.items():
-      per_call = 1   # rows in a call: a power of four, rows x c <= prefill_chunk
-      while alone < 0 and per_call * 4 * c <= self.prefill_chunk:
-        per_call *= 4
+      per_call = 1 if alone >= 0 else self._rows_per_call(c)
       for k in range(0, len(rows), per_call):
         self._prefill_rows(rows[k:k + per_call], c)
+
+  def _rows_per_call(self, c: int) -> int:
+    """Rows one prefill call of c-token chunks may take: a power of four, rows x c <= prefill_chunk."""
+    per_call = 1
+    while per_call * 4 * c <= self.prefill_chunk:
+      per_call *= 4
+    return per_call
+
+  def _prefill_row_counts(self, c: int) -> list:
+    """The row counts a prefill call of c-token chunks can have: powers of four up to the slots
+    (rounded up) or the call's limit, whichever is less."""
+    counts = [1]
+    while counts[-1] < min(self.max_slots, self._rows_per_call(c)):
+      counts.append(counts[-1] * 4)
+    return counts
 
   def _prefill_kv_len(self, n: int) -> int:
     """Cache rows a prefill call attends over: a power of two (few programs; the kernel reads
