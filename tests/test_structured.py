@@ -440,6 +440,8 @@ def test_server_regex_and_grammar_constraints(client):
     (dict(extra_body={"structured_outputs": {"regex": "([a-z]+"}}), "structured_outputs"),
     (dict(extra_body={"guided_grammar": 'root ::= root "a" | "b"'}), "guided_grammar"),
     (dict(extra_body={"guided_json": "{not json"}), "guided_json"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "number", "multipleOf": 0.5}}}),
+     "response_format"),
 ])
 def test_server_rejects_what_it_cannot_constrain(client, kw, param):
   import openai

@@ -148,6 +148,26 @@ def test_integer_ranges(bounds):
     assert not _accepts(grammar, text)
 
 
+@pytest.mark.parametrize("m", [1, 3, 7, 10, 25, 1000])
+def test_integer_multiple_of(m):
+  for t in ("integer", "number"):   # a whole step on a number: its multiples are integers
+    grammar = _grammar(st.schema_node, {"type": t, "multipleOf": m})
+    for n in list(range(-1200, 1200)) + [10**15, -7 * 10**14, 10**15 + 1]:
+      assert _accepts(grammar, str(n)) == (n % m == 0), (n, m)
+    for text in ["-0", "00", "0" + str(m), "1.0", "+" + str(m), "", str(m) + ".0", "1" + "0" * 16]:
+      assert not _accepts(grammar, text), text
+
+
+@pytest.mark.parametrize("schema,why", [
+    ({"type": "number", "multipleOf": 0.01}, "positive whole number"),
+    ({"type": "integer", "multipleOf": 0}, "positive whole number"),
+    ({"type": "integer", "multipleOf": 5, "minimum": 0}, "together with minimum"),
+    ({"type": "integer", "multipleOf": 10**6}, "from 1 to 1000")])
+def test_multiple_of_the_grammar_cannot_hold_is_refused(schema, why):
+  with pytest.raises(st.SchemaError, match=why):
+    _grammar(st.schema_node, schema)
+
+
 NUMBER_BOUNDS = [{"minimum": 0, "maximum": 1}, {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
                  {"minimum": -1.5, "exclusiveMaximum": 2.25}, {"exclusiveMaximum": 0}, {"exclusiveMinimum": 0.05},
                  {"exclusiveMinimum": -3.7, "maximum": -1.25}, {"minimum": 1.5, "maximum": 1.5},

@@ -359,6 +359,22 @@ def integer_range_node(g: Builder, lo, hi) -> Node:
   return g.alt(*alts) if alts else g.empty
 
 
+MAX_MULTIPLE_OF = 1000   # remainder states x digit positions x 10 digits stay a few 100K nodes
+
+
+def integer_multiple_node(g: Builder, m: int) -> Node:
+  """A JSON integer divisible by m: 0, or an optional '-' and up to MAX_INT_DIGITS digits whose
+  running remainder (10 r + d) mod m ends at 0 (no leading zeros)."""
+  from hunyuan_jax.serve.structured.grammar import MAX_INT_DIGITS
+  if not 1 <= m <= MAX_MULTIPLE_OF:
+    raise SchemaError(f"multipleOf {m}: integers take a multipleOf from 1 to {MAX_MULTIPLE_OF}")
+  rest = functools.lru_cache(None)(lambda r, k: g.alt(
+      *([g.empty] if r == 0 else []),
+      *([g.seq(g.lit(str(d)), rest((10 * r + d) % m, k - 1)) for d in range(10)] if k else [])))
+  magnitude = g.alt(*(g.seq(g.lit(str(d)), rest(d % m, MAX_INT_DIGITS - 1)) for d in range(1, 10)))
+  return g.alt(g.lit("0"), g.seq(g.opt(g.lit("-")), magnitude))
+
+
 def number_range_node(g: Builder, lo, lo_incl: bool, hi, hi_incl: bool) -> Node:
   """A JSON number (no exponent) in the interval from lo to hi (Decimals; None = unbounded; each
   end inclusive or not), up to MAX_INT_DIGITS fraction digits."""

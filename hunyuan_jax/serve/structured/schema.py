@@ -5,8 +5,10 @@ optional ones maybe, no others when `properties` is given; at most one space aft
 Keywords: type, enum, const, anyOf, oneOf, allOf (one entry), $ref into $defs / definitions,
 properties, required, additionalProperties, items, minItems / maxItems, and on strings `pattern`
 (the whole value), `format` (regex.FORMATS) or minLength / maxLength, on integers and numbers
-minimum / maximum and their exclusive forms (a bounded number is written without an exponent).
-Not enforced: multipleOf, uniqueItems; a date's day is not checked against its month.
+minimum / maximum and their exclusive forms (a bounded number is written without an exponent), or
+a whole multipleOf (then an integer is written; with bounds, or a fractional step: a 400).
+Not enforced: uniqueItems (no grammar holds it; tool schemas use it, so it is not refused); a
+date's day is not checked against its month.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import math
 from typing import Any
 
 from hunyuan_jax.serve.structured.grammar import Builder, Node, SchemaError
-from hunyuan_jax.serve.structured.regex import integer_range_node, number_range_node, repeat, string_node
+from hunyuan_jax.serve.structured.regex import (integer_multiple_node, integer_range_node, number_range_node,
+                                                 repeat, string_node)
 
 
 class _SchemaCompiler:
@@ -54,6 +57,8 @@ class _SchemaCompiler:
     if t == "string":
       return string_node(g, s)
     bounded = any(k in s for k in _BOUNDS)
+    if t in ("integer", "number") and "multipleOf" in s:
+      return integer_multiple_node(g, _integer_step(s, bounded))
     if t == "integer" and bounded:
       return integer_range_node(g, *_integer_bounds(s))
     if t == "number" and bounded:
@@ -131,6 +136,16 @@ def schema_node(g: Builder, schema: Any) -> Node:
 
 
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _integer_step(s: dict, bounded: bool) -> int:
+  """multipleOf as the grammar enforces it: a whole number, without bounds (a 400 otherwise)."""
+  m = s["multipleOf"]
+  if isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 or m != int(m):
+    raise SchemaError(f"multipleOf {m!r}: only a positive whole number is supported")
+  if bounded:
+    raise SchemaError("multipleOf together with minimum / maximum is not supported; use one of them")
+  return int(m)
 
 
 def _bound_values(s: dict, name: str, excl: str) -> tuple:
