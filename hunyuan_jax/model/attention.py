@@ -16,6 +16,9 @@ own new K/V (two parts merged by their log-sum-exp: one softmax), and returns th
 A query at absolute position p sees cached rows j < (first position of its chunk) of its own batch
 row plus the chunk's rows at positions <= p, so slots of a continuous batch never see another
 slot's or a stale entry; a chunk at a position past the cache (an idle slot) reads no rows.
+
+Serving layout: `fuse_qkv` joins a layer's q, k, v kernels into one `qkv` (one GEMM a layer, in
+blocks per tensor shard); the layer uses it whenever its params hold it.
 """
 from __future__ import annotations
 
