@@ -16,6 +16,7 @@ the mean of the two step times (step time is linear in KV length).
   python experiments/bench_decode.py [--profile]         # GPU, A13B, batches 1/16/32; top kernels
   python experiments/bench_decode.py --tensor=2           # the model over 2 GPUs (tensor parallel)
   python experiments/bench_decode.py --tp_share=2         # one GPU's share of that, on one GPU
+  python experiments/bench_decode.py --quantization=fp8   # fp8 experts (the whole A13B fits one H200)
   python experiments/bench_decode.py --config=tiny --layers=2 --batches=1,2 --input_len=32 \
       --output_len=8 --full_output_len=24 --timing_steps=3    # CPU smoke run
 """
@@ -46,6 +47,7 @@ from absl import app, flags
 from hunyuan_jax.config import ModelConfig, with_num_layers
 from hunyuan_jax.model import forward, init_params, moe_parallel
 from hunyuan_jax.model.transformer import Transformer
+from hunyuan_jax.quant import quantize_experts
 from hunyuan_jax.serve.engine import Engine, cache_bytes
 from hunyuan_jax.serve.loader import make_mesh_for_serving, random_params
 from hunyuan_jax.serve.sampling import SamplingArrays, SamplingParams, logprob_width, sample, sample_options
@@ -67,6 +69,7 @@ flags.DEFINE_integer("logit_bias", 0, "every request sets a logit_bias of this m
 flags.DEFINE_bool("fused_qkv", True, "one q/k/v GEMM per layer (Engine fused_qkv); --nofused_qkv for an A/B")
 flags.DEFINE_bool("profile", False, "print the top device kernels of the decode step at full context")
 flags.DEFINE_integer("profile_top", 15, "kernels listed by --profile")
+flags.DEFINE_enum("quantization", "none", ["none", "fp8"], "fp8: the routed experts in e4m3 (hunyuan_jax.quant)")
 flags.DEFINE_integer("tensor", 1, "tensor-parallel devices (heads, FFN width and KV heads split)")
 flags.DEFINE_integer("expert", 1, "expert-parallel devices")
 flags.DEFINE_integer("tp_share", 1, "time one device's share of an N-way tensor-parallel step on this one "
@@ -121,7 +124,8 @@ def layer_weight_bytes(params, cfg, distinct_experts: float) -> tuple[float, flo
   n = cfg.num_layers
   total = _bytes(g) / n
   moe = g["layer_0"]["moe"]
-  expert_bytes = (moe["wi"].nbytes + moe["wo"].nbytes) / n / cfg.num_experts
+  experts = ("wi", "wo", "wi_fp8", "wi_scale", "wo_fp8", "wo_scale")   # bf16 or quant.fp8's layout
+  expert_bytes = sum(moe[k].nbytes for k in experts if k in moe) / n / cfg.num_experts
   layer = total - expert_bytes * cfg.num_experts + expert_bytes * distinct_experts
   head = params["embed"].nbytes if cfg.tie_word_embeddings else params["lm_head"].nbytes
   return layer, head + params["final_norm"]["scale"].nbytes
@@ -285,7 +289,7 @@ def pick_layers(cfg, b_max, max_len, n_dev=1) -> int:
   if not limit:
     return 2
   one = with_num_layers(cfg, 1)
-  shapes = jax.eval_shape(lambda: init_params(one, jax.random.key(0)))
+  shapes = jax.eval_shape(lambda: quantize_experts(init_params(one, jax.random.key(0)), FLAGS.quantization))
   per_layer = _bytes(shapes["groups_0"])
   head = _bytes(shapes) - per_layer
   cache_layer = 2 * b_max * max_len * cfg.num_kv_heads * cfg.head_dim * 2
@@ -310,7 +314,7 @@ def main(_):
   cfg = with_num_layers(cfg, n_layers)
   dev = jax.devices()[0]
   print(f"device {n_dev} x {dev.device_kind} (mesh {dict(mesh.shape) if mesh else None}) | jax {jax.__version__} | "
-        f"{FLAGS.config} x {n_layers} layers | input {FLAGS.input_len} output {FLAGS.output_len} (cache {max_len})",
+        f"{FLAGS.config} x {n_layers} layers | experts {FLAGS.quantization} | input {FLAGS.input_len} output {FLAGS.output_len} (cache {max_len})",
         flush=True)
   bw1 = copy_bandwidth() if dev.platform == "gpu" else copy_bandwidth(64 << 20)
   # The roofline reads every distinct byte once at the devices' summed bandwidth. Replicated
@@ -318,7 +322,7 @@ def main(_):
   # replication shows as lost fraction.
   bw = bw1 * n_dev
   print(f"copy bandwidth {bw1 / 1e12:.3f} TB/s per device (read + written), x{n_dev} = {bw / 1e12:.3f}", flush=True)
-  params = random_params(cfg, mesh, 0)
+  params = random_params(cfg, mesh, 0, FLAGS.quantization)
   print(f"weights {_bytes(params) / 2**30:.1f} GiB; device 0 holds {_in_use(dev):.1f} GiB", flush=True)
   kv_row = cfg.num_kv_layers * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
   full_kv_row = kv_row / n_layers * 32

@@ -29,9 +29,26 @@ def rope(x_thd, cos, sin):
   return x_thd * cos[:, None] + rot * sin[:, None]
 
 
-def swiglu(x, gate_w, up_w, down_w):
-  g = x @ gate_w.T
-  return ((g / (1 + np.exp(-g))) * (x @ up_w.T)) @ down_w.T
+def swiglu(x, gate_w, up_w, down_w, fp8=False):
+  mm = fp8_matmul if fp8 else (lambda x, w: x @ w.T)
+  g = mm(x, gate_w)
+  return mm((g / (1 + np.exp(-g))) * mm(x, up_w), down_w)
+
+
+def fp8_round(v):
+  """To the nearest e4m3fn value (saturating at +-448), from float32 as the port rounds."""
+  import ml_dtypes
+  return np.clip(v, -448, 448).astype(np.float32).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+
+
+def fp8_matmul(x, w):
+  """W8A8 e4m3: x [K] or [T, K] scaled per row, w [N, K] (PyTorch layout) per output channel,
+  each to absmax / 448; the products of the rounded values, rescaled."""
+  x2 = np.atleast_2d(x)
+  sx = np.maximum(np.abs(x2).max(-1, keepdims=True), 1e-12) / 448
+  sw = np.maximum(np.abs(w).max(-1), 1e-12) / 448
+  y = (fp8_round(x2 / sx) @ fp8_round(w / sw[:, None]).T) * sx * sw
+  return y.reshape(np.shape(x)[:-1] + (w.shape[0],))
 
 
 def topk_gating_capacity(probs_te, k, capacity_factor=1.0):
@@ -51,7 +68,7 @@ def topk_gating_capacity(probs_te, k, capacity_factor=1.0):
   return idx_tk, np.where(keep, w_tk, 0.0)
 
 
-def moe(x_td, w, prefix, hf_cfg, capacity_factor=0.0):
+def moe(x_td, w, prefix, hf_cfg, capacity_factor=0.0, fp8_experts=False):
   k = hf_cfg["moe_topk"]
   logits = x_td @ w[prefix + "mlp.gate.wg.weight"].T
   probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -69,7 +86,7 @@ def moe(x_td, w, prefix, hf_cfg, capacity_factor=0.0):
       e = idx[tok, j]
       ep = f"{prefix}mlp.experts.{e}."
       out[tok] += weights[tok, j] * swiglu(x_td[tok], w[ep + "gate_proj.weight"], w[ep + "up_proj.weight"],
-                                           w[ep + "down_proj.weight"])
+                                           w[ep + "down_proj.weight"], fp8_experts)
   sp = prefix + "mlp.shared_mlp."
   return out + swiglu(x_td, w[sp + "gate_proj.weight"], w[sp + "up_proj.weight"], w[sp + "down_proj.weight"])
 
@@ -100,8 +117,9 @@ def attention(x_td, w, prefix, hf_cfg, cos, sin, kv_raw=None):
   return out.reshape(t, n * d) @ w[prefix + "self_attn.o_proj.weight"].T, kv_raw
 
 
-def forward(tokens, w, hf_cfg, capacity_factor=0.0):
-  """Logits [T, V] for one sequence of a `hunyuan` (A13B / Large) remote-code config."""
+def forward(tokens, w, hf_cfg, capacity_factor=0.0, fp8_experts=False):
+  """Logits [T, V] for one sequence of a `hunyuan` (A13B / Large) remote-code config.
+  fp8_experts: the routed experts' matmuls in W8A8 e4m3 (fp8_matmul); the shared expert is not."""
   w = {k: np.asarray(v, np.float64) for k, v in w.items()}
   eps = hf_cfg["rms_norm_eps"]
   n = hf_cfg["num_attention_heads"]
@@ -119,6 +137,7 @@ def forward(tokens, w, hf_cfg, capacity_factor=0.0):
     if is_self:
       kv_raw = kv
     h = h + a
-    h = h + moe(rms_norm(h, w[p + "post_attention_layernorm.weight"], eps), w, p, hf_cfg, capacity_factor)
+    h = h + moe(rms_norm(h, w[p + "post_attention_layernorm.weight"], eps), w, p, hf_cfg, capacity_factor,
+                fp8_experts)
   h = rms_norm(h, w["model.norm.weight"], eps)
   return h @ w["model.embed_tokens.weight"].T

@@ -395,7 +395,15 @@ for name, eng in (("one", Engine(cfg, params, **kw)), ("many", Engine(cfg, shard
   reqs = eng.generate(follow, g)
   runs[name] += [r.output_ids for r in reqs]
   runs[name + "_cached"] = [r.cached for r in reqs]
+# fp8 experts (quant.fp8), drawn quantized layer by layer, on one device and sharded
+_, q_one = load_model(None, "tiny", random_weights=True, dtype="float32", quantization="fp8")
+_, q_many = load_model(None, "tiny", random_weights=True, dtype="float32", mesh=mesh, quantization="fp8")
+moe = q_many["groups_0"]["layer_0"]["moe"]
+for name, eng in (("fp8_one", Engine(cfg, q_one, **kw)), ("fp8_many", Engine(cfg, q_many, mesh=mesh, **kw))):
+  runs[name] = [r.output_ids for r in eng.generate(prompts, g)]
 print(json.dumps({**runs, "cache_spec": str(jax.tree.leaves(eng.cache)[0].sharding.spec),
+                  "fp8_specs": [list(moe[k].sharding.spec) + [None] * (moe[k].ndim - len(moe[k].sharding.spec))
+                                for k in ("wi_fp8", "wi_scale", "wo_fp8", "wo_scale")],
                   "qkv_spec": list(eng.params["groups_0"]["layer_0"]["attn"]["qkv"].sharding.spec),
                   "sharded_moe_calls": len(sharded_moe_calls),
                   "compiles": compiles}))
@@ -414,6 +422,10 @@ def test_sharded_engine_matches_single_device():
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["one"] == out["many"] and out["one_cached"] == out["many_cached"] == [20, 18]
+  assert out["fp8_one"] == out["fp8_many"]
+  # [L, E, 2, F, H], [L, E, 2, F], [L, E, H, F], [L, E, H]: experts over `expert`, F over `tensor`
+  assert out["fp8_specs"] == [[None, "expert", None, "tensor", None], [None, "expert", None, "tensor"],
+                              [None, "expert", None, "tensor"], [None, "expert", None]]
   assert "tensor" in out["cache_spec"] and "data" in out["cache_spec"]   # kv heads and slots are sharded
   assert out["qkv_spec"] == [None, None, "tensor"]   # fused q/k/v [L, H, S, G, D]: blocks per shard
   # prefill and decode trace the MoE per shard (its kernels see local experts), not through GSPMD

@@ -137,3 +137,39 @@ def test_capacity_mode_matches_tencent_gating(tmp_path, num_tokens):
   assert _rel_err(ours, expected) <= 1e-5
   stats = forward(params, jnp.asarray(tokens)[None], jnp.arange(num_tokens)[None], cfg=cfg).moe_stats
   assert float(jnp.max(stats["groups_0"].dropped_frac)) > 0
+
+
+@pytest.mark.parametrize("arch", ["a13b", "large"])
+def test_fp8_experts_match_numpy_w8a8(tmp_path, arch):
+  """The serving layout's fp8 experts (quant.fp8) = the numpy spec model with its routed experts'
+  matmuls in W8A8 e4m3 (per-row activation and per-channel weight absmax scales), prefill and
+  cached decode. The check can fail: the bf16-math model is far from it."""
+  from hunyuan_jax.model import init_cache
+  from hunyuan_jax.quant import quantize_experts
+  rng = np.random.default_rng(3)
+  hf = _hf_config() if arch == "large" else _hf_config(architectures=["HunYuanMoEV1ForCausalLM"],
+                                                        use_cla=False, moe_topk=2)
+  weights = _random_hub_weights(hf, rng)
+  tokens = rng.integers(0, hf["vocab_size"], 20)
+  path = _write(tmp_path, hf, weights)
+  cfg, params, plain = _our_logits(path, tokens)
+  q = quantize_experts(params)
+  moe = q["groups_0"]["layer_0"]["moe"]
+  assert moe["wi_fp8"].dtype == jnp.float8_e4m3fn and "wi" not in moe
+  # the loader's host-side quantization, one layer at a time, gives the same arrays
+  loaded = load_hf_checkpoint(path, quantization="fp8")[1]["groups_0"]["layer_0"]["moe"]
+  assert loaded.keys() == moe.keys()
+  for key in ("wi_fp8", "wi_scale", "wo_fp8", "wo_scale"):
+    np.testing.assert_array_equal(np.asarray(loaded[key], np.float32), np.asarray(moe[key], np.float32))
+  expected = ref.forward(tokens, weights, hf, fp8_experts=True)
+  toks, pos = jnp.asarray(tokens)[None], jnp.arange(len(tokens))[None]
+  ours = np.asarray(forward(q, toks, pos, cfg=cfg).logits[0], np.float64)
+  assert _rel_err(ours, expected) <= 1e-5   # 4e-7 seen: the same roundings as float64
+  assert _rel_err(plain, expected) > 10 * _rel_err(ours, expected), "fp8 must be detectable"
+  cache = init_cache(cfg, 1, 32, jnp.float32)
+  out = forward(q, toks[:, :12], pos[:, :12], cache, cfg=cfg)
+  steps = [out.logits]
+  for t in range(12, 20):
+    out = forward(q, toks[:, t:t + 1], pos[:, t:t + 1], out.cache, cfg=cfg)
+    steps.append(out.logits)
+  assert _rel_err(np.concatenate(steps, 1)[0], expected) <= 1e-5

@@ -194,24 +194,51 @@ def _sharded_param(src: HFSource, path, sharding) -> jax.Array:
   return jax.make_array_from_callback(shape, sharding, shard)
 
 
-def params_from_hf(src: HFSource, mesh=None) -> dict:
-  """All params as jax arrays: one param on the host at a time, or one device shard with `mesh`."""
+def params_from_hf(src: HFSource, mesh=None, quantization: str = "none") -> dict:
+  """All params as jax arrays: one param on the host at a time, or one device shard with `mesh`.
+  quantization "fp8": the routed experts in the serving layout of hunyuan_jax.quant.fp8."""
   shardings = None
   if mesh is not None:
     from hunyuan_jax.sharding import param_shardings
     leaves = jax.tree_util.tree_flatten_with_path(param_shardings(src.cfg, mesh))[0]
     shardings = {tuple(k.key for k in kp): s for kp, s in leaves}
+  fp8 = quantization not in (None, "", "none")
   flat = {}
   for path in src.shapes:
-    if shardings is None:
+    if fp8 and path[-2:] in (("moe", "wi"), ("moe", "wo")):
+      if path[-1] == "wi":
+        flat.update(_fp8_experts(src, path[:-1], shardings))
+    elif shardings is None:
       flat[path] = jnp.asarray(_host_param(src, path))
     else:
       flat[path] = _sharded_param(src, path, shardings[path])
   return unflatten(flat)
 
 
+def _fp8_experts(src: HFSource, moe: tuple, shardings) -> dict:
+  """A MoE layer stack's routed experts quantized on the host one layer at a time (the bf16
+  stack never exists whole), then placed: {path: array} of quant.fp8's serving layout."""
+  from hunyuan_jax.quant.fp8 import host_quantize_layer, serving_shardings
+  wi, wo = moe + ("wi",), moe + ("wo",)
+  stacked = src.plan[wi][0][0].index is not None
+  if not stacked:
+    parts = host_quantize_layer(_host_param(src, wi), _host_param(src, wo))
+  else:
+    n = src.shapes[wi][0]
+    bi = np.empty(src.shapes[wi][1:], src.dtype(wi))
+    bo = np.empty(src.shapes[wo][1:], src.dtype(wo))
+    parts = {}
+    for r in range(n):
+      src.fill(src.plan[wi][r][0], bi)
+      src.fill(src.plan[wo][r][0], bo)
+      for key, x in host_quantize_layer(bi, bo).items():
+        parts.setdefault(key, np.empty((n,) + x.shape, x.dtype))[r] = x
+  place = serving_shardings(shardings[wi], shardings[wo], int(stacked)) if shardings else None
+  return {moe + (key,): jax.device_put(x, place[key]) if place else jnp.asarray(x) for key, x in parts.items()}
+
+
 def load_hf_checkpoint(path: str, cfg: Optional[ModelConfig] = None, *, mesh=None,
-                       dtype=None) -> tuple[ModelConfig, dict]:
+                       dtype=None, quantization: str = "none") -> tuple[ModelConfig, dict]:
   """Reads config.json (unless `cfg` is given) and the safetensors in `path` -> (cfg, params).
 
   Tensors keep the file's dtype unless `dtype` asks for a cast (the Hy3 expert bias stays fp32).
@@ -220,7 +247,7 @@ def load_hf_checkpoint(path: str, cfg: Optional[ModelConfig] = None, *, mesh=Non
   """
   cfg = cfg or ModelConfig.from_pretrained(path)
   src = HFSource(path, cfg, dtype)
-  params = params_from_hf(src, mesh)
+  params = params_from_hf(src, mesh, quantization)
   emb = np.dtype(src.dtype(("embed",))).name
   if emb in ("bfloat16", "float16", "float32") and emb != cfg.param_dtype:
     cfg = cfg.replace(param_dtype=emb)

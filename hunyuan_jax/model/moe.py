@@ -22,6 +22,7 @@ import kernels_pallas as kp
 from hunyuan_jax.config import LayerSpec, ModelConfig
 from hunyuan_jax.model import moe_parallel
 from hunyuan_jax.model.layers import SwiGLU, compute_dtype, param, swiglu
+from hunyuan_jax.quant import fp8
 
 # checkpoint_name of the routed experts' gate+up output: jax's checkpoint_dots policy does not
 # see it (a Pallas call, not a dot_general), so the "dots" remat policy names it.
@@ -197,10 +198,17 @@ def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array]
 
   wi/wo may hold a slice of the experts, [expert_offset, expert_offset + E_local) of the router's
   E (expert parallelism, see moe_parallel.py); assignments to other experts then contribute 0.
+  They may also be the serving layout's fp8 experts (quant.fp8.Fp8Weight, q [E, 2, F, H] and
+  [E, H, F]): then a serving op, with no backward.
   """
   t, d = x_td.shape
   e = w_router_de.shape[1]
-  e_local, _, _, f = wi_edkf.shape
+  quantized = fp8.is_quantized(wi_edkf)
+  if quantized:
+    e_local, _, f, _ = wi_edkf.q.shape
+    wi_fp8 = fp8.Fp8Weight(wi_edkf.q.reshape(e_local, 2 * f, d), wi_edkf.scale.reshape(e_local, 2 * f))
+  else:
+    e_local, _, _, f = wi_edkf.shape
   r = kp.route(x_td, w_router_de, bias_e, router_spec(cfg, top_k))
   weights_tk, experts_tk = r.weights_tk, r.experts_tk
   group_sizes, sort_idx, inverse = r.group_sizes_e, r.sort_idx_m, r.slot_pos_m
@@ -225,16 +233,25 @@ def moe_ffn(x_td: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array]
     # experts in pick order; no sort, schedule or gather (about 10 fewer kernels per layer).
     experts_k = experts_tk.reshape(-1)
     x_kd = jnp.broadcast_to(x_td.astype(dtype), (top_k, d))
-    h_kf2 = kp.gmv(x_kd, wi_edkf.astype(dtype).reshape(e, d, 2 * f), experts_k, backend=backend)
-    y_kd = kp.gmv(swiglu(h_kf2.reshape(-1, 2, f)), wo_efd.astype(dtype), experts_k, backend=backend)
+    if quantized:
+      h_kf2 = fp8.expert_gmv(x_kd, wi_fp8, experts_k, backend)
+      y_kd = fp8.expert_gmv(swiglu(h_kf2.reshape(-1, 2, f)), wo_efd, experts_k, backend)
+    else:
+      h_kf2 = kp.gmv(x_kd, wi_edkf.astype(dtype).reshape(e, d, 2 * f), experts_k, backend=backend)
+      y_kd = kp.gmv(swiglu(h_kf2.reshape(-1, 2, f)), wo_efd.astype(dtype), experts_k, backend=backend)
     y_td = jnp.einsum("kd,k->d", y_kd.astype(jnp.float32), weights_tk[0])[None]
     return y_td, MoEStats(r.expert_frac_e, r.mean_prob_e, r.z_loss, dropped)
   x_sorted_md = take_rows(x_td.astype(dtype), sort_idx, inverse, top_k)
+  stats = MoEStats(r.expert_frac_e, r.mean_prob_e, r.z_loss, dropped)
+  if quantized:
+    act_mf = swiglu(fp8.expert_gmm(x_sorted_md, wi_fp8, group_sizes, backend).reshape(-1, 2, f))
+    y_sorted_md = fp8.expert_gmm(act_mf, wo_efd, group_sizes, backend)
+    y_tkd = take_rows(y_sorted_md, inverse, sort_idx, 1).reshape(t, top_k, -1)
+    return jnp.einsum("tkd,tk->td", y_tkd, weights_tk), stats
   act_mf = gate_up(x_sorted_md, wi_edkf.astype(dtype).reshape(e_local, d, 2 * f), group_sizes,
                    backend)
   y_td = down_combine(act_mf, wo_efd.astype(dtype), group_sizes, sort_idx, inverse, weights_tk,
                       top_k, backend)
-  stats = MoEStats(r.expert_frac_e, r.mean_prob_e, r.z_loss, dropped)
   return y_td, stats
 
 
@@ -251,8 +268,13 @@ class MoE(nn.Module):
     bias = None
     if cfg.router_bias:  # fp32 like the reference buffer; updated outside the optimizer in training
       bias = param(self, "expert_bias", (e,), (None,), jnp.float32, init=nn.initializers.zeros)
-    wi = param(self, "wi", (e, h, 2, f), ("experts", "embed", None, "mlp"), pdt, fan_in=h)
-    wo = param(self, "wo", (e, f, h), ("experts", "mlp", "embed"), pdt, fan_in=f)
+    if self.has_variable("params", "wi_fp8"):   # serving layout (quant.fp8.quantize_experts)
+      get = functools.partial(self.get_variable, "params")
+      wi = fp8.Fp8Weight(get("wi_fp8"), get("wi_scale"))
+      wo = fp8.Fp8Weight(get("wo_fp8"), get("wo_scale"))
+    else:
+      wi = param(self, "wi", (e, h, 2, f), ("experts", "embed", None, "mlp"), pdt, fan_in=h)
+      wo = param(self, "wo", (e, f, h), ("experts", "mlp", "embed"), pdt, fan_in=f)
     b, s, _ = x_btd.shape
     shared = SwiGLU(cfg, spec.shared_size, name="shared") if spec.shared_size else None
     mesh = moe_parallel.active_mesh()

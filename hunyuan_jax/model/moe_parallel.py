@@ -55,6 +55,19 @@ def _axes(entry) -> tuple[str, ...]:
   return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
+def _expert_specs(wi, wo, mesh):
+  """(wi spec, wo spec, expert mesh axes, tensor mesh axes) for bf16 experts or the serving
+  layout's fp8 ones (quant.fp8: q [E, 2, F, H] / [E, H, F] with per-channel scales)."""
+  from hunyuan_jax.quant import fp8
+  if fp8.is_quantized(wi):
+    qi = logical_to_mesh_spec(P("experts", None, "mlp", None), wi.q.shape, mesh)
+    qo = logical_to_mesh_spec(P("experts", None, "mlp"), wo.q.shape, mesh)
+    return fp8.Fp8Weight(qi, P(*qi[:3])), fp8.Fp8Weight(qo, P(*qo[:2])), _axes(qi[0]), _axes(qi[2])
+  wi_spec = logical_to_mesh_spec(P("experts", None, None, "mlp"), wi.shape, mesh)
+  wo_spec = logical_to_mesh_spec(P("experts", "mlp", None), wo.shape, mesh)
+  return wi_spec, wo_spec, _axes(wi_spec[0]), _axes(wi_spec[3])
+
+
 def moe_ffn_sharded(x_btd: jax.Array, w_router_de: jax.Array, bias_e: Optional[jax.Array],
                     wi_edkf: jax.Array, wo_efd: jax.Array, *, mesh: Mesh, cfg, top_k: int, dtype,
                     shared: Optional[tuple[jax.Array, jax.Array]] = None):
@@ -66,11 +79,8 @@ def moe_ffn_sharded(x_btd: jax.Array, w_router_de: jax.Array, bias_e: Optional[j
 
   b, t, d = x_btd.shape
   x_spec = logical_to_mesh_spec(P("batch", "length", None), x_btd.shape, mesh)
-  wi_spec = logical_to_mesh_spec(P("experts", None, None, "mlp"), wi_edkf.shape, mesh)
-  wo_spec = logical_to_mesh_spec(P("experts", "mlp", None), wo_efd.shape, mesh)
+  wi_spec, wo_spec, expert_axes, tensor_axes = _expert_specs(wi_edkf, wo_efd, mesh)
   batch_axes = _axes(x_spec[0])
-  expert_axes = _axes(wi_spec[0])
-  tensor_axes = _axes(wi_spec[3])
   gather = bool(expert_axes) and all(a in batch_axes for a in expert_axes)
   shared_specs = None
   if shared is not None:
@@ -87,7 +97,7 @@ def moe_ffn_sharded(x_btd: jax.Array, w_router_de: jax.Array, bias_e: Optional[j
     x_td = x.reshape(bl * t, d)
     if gather:
       x_td = jax.lax.all_gather(x_td, expert_axes, tiled=True)
-    offset = jax.lax.axis_index(expert_axes) * wi.shape[0] if expert_axes else 0
+    offset = jax.lax.axis_index(expert_axes) * jax.tree.leaves(wi)[0].shape[0] if expert_axes else 0
     y_td, stats = moe_ffn(x_td, w_router, bias, wi, wo, cfg=cfg, top_k=top_k, dtype=dtype,
                           expert_offset=offset)
     if gather:

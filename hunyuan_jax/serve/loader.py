@@ -21,9 +21,15 @@ def make_mesh_for_serving(tensor: int = 1, expert: int = 1):
 
 
 def load_model(model: Optional[str], config: Optional[str] = None, *, random_weights: bool = False,
-               overrides: Sequence[str] = (), dtype: Optional[str] = None, mesh=None, seed: int = 0):
+               overrides: Sequence[str] = (), dtype: Optional[str] = None, mesh=None, seed: int = 0,
+               quantization: str = "none"):
   """-> (cfg, params). `model` is an HF safetensors folder or an orbax checkpoint folder;
-  `random_weights` with `config` (preset name or config.json path) is for tests and benchmarks."""
+  `random_weights` with `config` (preset name or config.json path) is for tests and benchmarks.
+  quantization "fp8": the routed experts in e4m3 (hunyuan_jax.quant.fp8), quantized as they
+  load, so the model's bf16 experts never have to fit the device."""
+  from hunyuan_jax.quant import QUANTIZATIONS, quantize_experts
+  if quantization not in QUANTIZATIONS:
+    raise ValueError(f"--quantization={quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
   if random_weights or model is None:
     if not config:
       raise ValueError("pass --model=<folder>, or --random_weights with --config=<preset or config.json>")
@@ -31,29 +37,34 @@ def load_model(model: Optional[str], config: Optional[str] = None, *, random_wei
     cfg = override_from_strings(cfg, list(overrides))
     if dtype:
       cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-    return cfg, random_params(cfg, mesh, seed)
+    return cfg, random_params(cfg, mesh, seed, quantization)
   if not os.path.isdir(model):
     raise FileNotFoundError(f"--model={model!r} is not a folder; pass an HF safetensors folder or an orbax checkpoint")
   cfg = ModelConfig.from_pretrained(config or model)
   cfg = override_from_strings(cfg, list(overrides))
   if any(f.endswith(".safetensors") for f in os.listdir(model)):
     from hunyuan_jax.checkpoint import load_hf_checkpoint
-    cfg, params = load_hf_checkpoint(model, cfg, mesh=mesh, dtype=dtype)
+    cfg, params = load_hf_checkpoint(model, cfg, mesh=mesh, dtype=dtype, quantization=quantization)
   else:
     from hunyuan_jax.checkpoint.orbax_io import restore_orbax
-    params = restore_orbax(model, cfg, mesh)
+    params = quantize_experts(restore_orbax(model, cfg, mesh), quantization)
   if dtype:
     cfg = cfg.replace(dtype=dtype)
   return cfg, params
 
 
-def random_params(cfg: ModelConfig, mesh, seed: int):
+def random_params(cfg: ModelConfig, mesh, seed: int, quantization: str = "none"):
   from hunyuan_jax.model import init_params
   init = jax.jit(init_params, static_argnums=0)
+  shardings = None
   if mesh is not None:
     from hunyuan_jax.sharding import param_shardings
-    init = jax.jit(init_params, static_argnums=0, out_shardings=param_shardings(cfg, mesh))
-  return init(cfg, jax.random.key(seed))
+    shardings = param_shardings(cfg, mesh)
+    init = jax.jit(init_params, static_argnums=0, out_shardings=shardings)
+  if quantization in (None, "", "none"):
+    return init(cfg, jax.random.key(seed))
+  from hunyuan_jax.quant.fp8 import random_fp8_experts
+  return random_fp8_experts(cfg, init_params, jax.random.key(seed), shardings)
 
 
 def load_tokenizer_for(model: Optional[str], tokenizer: Optional[str], cfg: ModelConfig):

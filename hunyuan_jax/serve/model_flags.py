@@ -16,6 +16,9 @@ def define_model_flags() -> None:
   flags.DEFINE_string("tokenizer", None, "tokenizer folder/file (default: the model folder; 'byte' for tiny)")
   flags.DEFINE_string("dtype", None, "compute and weight dtype, e.g. bfloat16")
   flags.DEFINE_integer("max_len", None, "context length per slot (default: max_position_embeddings)")
+  flags.DEFINE_enum("quantization", "none", ["none", "fp8"],
+                    "fp8: the routed experts in e4m3 (W8A8, per-channel weight and per-row activation scales), "
+                    "quantized as they load: half their bytes on the device and per decode step")
   flags.DEFINE_integer("tensor", 1, "tensor-parallel devices")
   flags.DEFINE_integer("expert", 1, "expert-parallel devices")
   flags.DEFINE_string("compilation_cache_dir", "~/.cache/hunyuan_jax/jax",
@@ -33,5 +36,6 @@ def load_from_flags():
   from hunyuan_jax.serve.loader import load_model, load_tokenizer_for, make_mesh_for_serving
   mesh = make_mesh_for_serving(FLAGS.tensor, FLAGS.expert)
   cfg, params = load_model(FLAGS.model, FLAGS.config, random_weights=FLAGS.random_weights,
-                           overrides=FLAGS.override, dtype=FLAGS.dtype, mesh=mesh)
+                           overrides=FLAGS.override, dtype=FLAGS.dtype, mesh=mesh,
+                           quantization=FLAGS.quantization)
   return mesh, cfg, params, load_tokenizer_for(FLAGS.model, FLAGS.tokenizer, cfg)

@@ -34,17 +34,34 @@ def _min_rows(backend) -> int:
   return getattr(_impl(backend), "MIN_ROWS", 0) if backend != "reference" else 0
 
 
-def _auto(m, k, n, dtype):
-  """A kernel backend only where it tiles the forward and every backward form."""
+def _auto(m, k, n, dtype, transpose_rhs=False):
+  """A kernel backend only where it tiles the forward and every backward form (fp8, a serving
+  form with no backward: where the GPU kernel tiles the forward)."""
   plat = _dispatch.platform()
   name = "gpu" if plat == "gpu" and _dispatch.is_hopper() else "tpu" if plat == "tpu" else None
+  if name and _is_fp8(dtype):
+    ok = name == "gpu" and transpose_rhs and _impl(name).select_tiling(max(m, _min_rows(name)), k, n, dtype)
+    return name if ok else "reference"
   if name and _impl(name).supports_all(max(m, _min_rows(name)), k, n, dtype)[0]:
     return name
   return "reference"
 
 
+def _is_fp8(dtype) -> bool:
+  return jnp.dtype(dtype).itemsize == 1 and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _exact_upcast(x, w):
+  """fp8 operands -> bf16 (every e4m3 value is a bf16 value): the reference's dot then takes
+  the same products as the kernel, on any platform."""
+  if _is_fp8(x.dtype):
+    return x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  return x, w
+
+
 def _gmm_fwd_impl(backend, out_dtype, transpose_rhs, x, w, gs):
   if backend == "reference":
+    x, w = _exact_upcast(x, w)
     return reference.gmm_reference(x, w, gs, out_dtype=out_dtype, transpose_rhs=transpose_rhs)
   return _impl(backend).gmm(x, w, gs, out_dtype=out_dtype, transpose_rhs=transpose_rhs,
                             interpret=backend == "tpu_interpret")
@@ -123,7 +140,7 @@ def gmm(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, transpose_rhs=False, back
   name = _dispatch.requested_backend("gmm", backend)
   if name == "auto":
     n_w = w_ekn.shape[1] if transpose_rhs else w_ekn.shape[2]
-    name = _auto(x_mk.shape[0], k_w, n_w, jnp.promote_types(x_mk.dtype, w_ekn.dtype))
+    name = _auto(x_mk.shape[0], k_w, n_w, jnp.promote_types(x_mk.dtype, w_ekn.dtype), transpose_rhs)
   _dispatch.check_known("gmm", name, BACKENDS)
   if x_mk.dtype != w_ekn.dtype:   # kernels take one operand dtype; promote like jnp.dot
     dt = jnp.promote_types(x_mk.dtype, w_ekn.dtype)
@@ -188,6 +205,7 @@ def gmm_swiglu(x_mk, w_ekn, group_sizes_e, *, out_dtype=None, backend=None):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _gmv(backend, out_dtype, transpose_rhs, x, w, experts):
   if backend == "reference":
+    x, w = _exact_upcast(x, w)
     return reference.gmv_reference(x, w, experts, out_dtype=out_dtype, transpose_rhs=transpose_rhs)
   m = x.shape[0]
   rows = max(m, _min_rows(backend))   # the kernel reads whole row tiles
@@ -232,7 +250,7 @@ def gmv(x_mk, w_ekn, experts_m, *, out_dtype=None, transpose_rhs=False, backend=
   m = x_mk.shape[0]
   name = _dispatch.requested_backend("gmm", backend)
   if name == "auto":
-    name = _auto(m, k_w, n_w, dt) if m <= _min_rows("gpu") else "reference"
+    name = _auto(m, k_w, n_w, dt, transpose_rhs) if m <= _min_rows("gpu") else "reference"
   _dispatch.check_known("gmv", name, BACKENDS)
   if name not in ("reference", "gpu"):
     name = "reference"   # the TPU kernel has no row-visit form yet

@@ -102,6 +102,19 @@ SWIGLU = Tiling(stages=3, grid_minor=0, grid_width=8, prefetch=True, group_windo
 MIN_ROWS = DECODE.tile_m  # the public op pads fewer rows up to one tile
 NARROW_VERIFIED = True
 _FP16 = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# fp8 (e4m3) operands: forward only, w as [E, N, K] (fp8 wgmma reads both operands K-major).
+# K steps of 128 (one 128-byte swizzle row). Measured on the H100 (A13B expert shapes, batch-1
+# gmv, 8 one-row groups): 2850 / 2750 GB/s for up / down, 97% / 93% of the copy rate, at 4, 6
+# or 8 stages alike; grouped at 4096 rows 341 TFLOP/s.
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+_OPERANDS = _FP16 + (FP8,)
+
+
+def _for_dtype(t, dtype):
+  """A bf16 tiling's fp8 form: the same K bytes per step (128 elements), decode stages 4."""
+  if jnp.dtype(dtype).itemsize != 1:
+    return t
+  return dataclasses.replace(t, tile_k=128, stages=min(t.stages, 4) if t.tile_m == 64 else t.stages)
 
 
 def default_tiling(m, k):
@@ -123,12 +136,13 @@ def select_tiling(m, k, n, dtype):
 
   Pure Python on shapes, so the choice is testable without a GPU.
   """
-  if jnp.dtype(dtype) not in _FP16:
+  if jnp.dtype(dtype) not in _OPERANDS:
     return None
   candidates = (default_tiling(m, k),) + ((NARROW,) if NARROW_VERIFIED else ())
   if m <= NARROW.tile_m:   # batch-1 decode: 8 one-row groups; half-width tiles double the CTAs
     candidates = (NARROW_DEEP, DECODE)   # that stream the weights (192 -> 384 on 132 SMs)
   for t in candidates:
+    t = _for_dtype(t, dtype)
     if not _fits(t, m, k, n):
       return t
   return None
@@ -159,8 +173,10 @@ def supports_all(m, k, n, dtype):
 def supports(x, w, *, transpose_rhs=False, tiling=None):
   m, k = x.shape
   n = w.shape[1] if transpose_rhs else w.shape[2]
-  if x.dtype not in _FP16 or w.dtype != x.dtype:
-    return False, f"dtype {x.dtype}/{w.dtype}: the GPU kernel takes bf16 or f16 operands"
+  if x.dtype not in _OPERANDS or w.dtype != x.dtype:
+    return False, f"dtype {x.dtype}/{w.dtype}: the GPU kernel takes bf16, f16 or float8_e4m3fn operands"
+  if x.dtype == FP8 and not transpose_rhs:
+    return False, "fp8 operands need w as [E, N, K] (transpose_rhs=True): fp8 wgmma reads K-major"
   if tiling is not None:
     why = _fits(tiling, m, k, n)
     return not why, why
