@@ -3,7 +3,7 @@
 The routed experts are ~96% of A13B's bytes (and of Hy3's), so storing them in e4m3 halves
 what a decode step reads and what the model takes on a device: the whole A13B fits one H200.
 Attention, the shared expert, norms, embedding and head stay in the model's dtype (vLLM's
-`experts_int8` keeps the same split; its `fp8` also keeps the head).
+`experts_int8` makes the same split).
 
     weights:     w[e, n, :] ~ q[e, n, :] * scale[e, n]   q e4m3, scale fp32 = absmax / 448
     activations: x[m, :]    ~ x8[m, :] * sx[m]           per row, computed on the fly
@@ -88,15 +88,6 @@ def quantize_layer_experts(wi, wo, xp=jnp) -> dict:
   qi = quantize_weight(wi_e2hf, xp)                  # q [.., E, 2, F, H], scale [.., E, 2, F]
   qo = quantize_weight(xp.asarray(wo), xp)           # q [.., E, H, F], scale [.., E, H]
   return {"wi_fp8": qi.q, "wi_scale": qi.scale, "wo_fp8": qo.q, "wo_scale": qo.scale}
-
-
-def fp8_experts_of(moe_params: dict):
-  """(wi, wo) as the MoE compute takes them, from a layer's params in the serving layout:
-  wi an Fp8Weight over [E, 2F, H] (columns [gate | up], as the bf16 [E, H, 2F] view), wo [E, H, F]."""
-  qi, si = moe_params["wi_fp8"], moe_params["wi_scale"]
-  e, _, f, h = qi.shape
-  return (Fp8Weight(qi.reshape(e, 2 * f, h), si.reshape(e, 2 * f)),
-          Fp8Weight(moe_params["wo_fp8"], moe_params["wo_scale"]))
 
 
 def _per_layer(wi, wo):
